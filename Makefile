@@ -1,0 +1,37 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+.PHONY: install demo test lint stack-up stack-down clean
+
+install: $(VENV)/.installed
+
+# torch is installed first and pinned: pip then takes the CPU wheel on disk instead of a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: install
+	$(VENV)/bin/ecb demo
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+stack-up: install
+	$(VENV)/bin/ecb stack up
+
+stack-down: install
+	$(VENV)/bin/ecb stack down
+
+clean:
+	-$(VENV)/bin/ecb stack down
+	rm -rf .ecb .ecb-test

@@ -1,0 +1,22 @@
+"""The trigger form, generated from the typed config so no parameter is written twice."""
+
+from __future__ import annotations
+
+from airflow.sdk import Param
+
+from ecb_airflow.steps import config_params
+
+JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array"}
+
+# Run switches that are not config fields (they steer this run, not what a model is).
+RUN_PARAMS = {
+    "force_retrain": Param(False, type="boolean", title="Force retrain",
+                           description="Train even when the data and parameters equal those of the released model."),
+}
+
+
+def dag_params() -> dict[str, Param]:
+    params = dict(RUN_PARAMS)
+    for name, (default, help_text, typ) in config_params().items():
+        params[name] = Param(default, type=JSON_TYPES.get(typ, "string"), title=name, description=help_text)
+    return params

@@ -1,0 +1,138 @@
+"""One mechanism for every ML step: build the task that runs ``python -m tasks <step>``.
+
+The DAG names steps; this module decides how they execute (``local`` subprocess today; Docker and Kubernetes
+behind the same factory). Settings reach the step as environment built from Airflow connections, so no secret is
+ever in a command line, a template or a log. The step's JSON manifest (its last stdout line) becomes the XCom.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+
+from airflow.sdk import BaseOperator, Context
+
+from tasks.config import Config, iter_fields
+
+# Airflow connection id -> how it becomes step environment (None when the connection is not defined).
+CONNECTIONS = ("aws_default", "ecb_results", "mlflow_default")
+
+
+def from_step(task_id: str, key: str) -> str:
+    """A Jinja reference to one field of an upstream step's manifest (rendered at run time)."""
+    return "{{ ti.xcom_pull(task_ids='%s')['%s'] }}" % (task_id, key)
+
+
+def config_params() -> dict[str, tuple]:
+    """Config fields shown on the trigger form: dotted name -> (default, help, field type)."""
+    defaults = Config()
+    out = {}
+    for name, f, typ in iter_fields():
+        if f.metadata.get("param"):
+            section, attr = name.split(".")
+            out[name] = (getattr(getattr(defaults, section), attr), f.metadata["help"], typ)
+    return out
+
+
+def _conn_env() -> dict[str, str]:
+    from airflow.sdk import BaseHook
+
+    env: dict[str, str] = {}
+    for conn_id in CONNECTIONS:
+        try:
+            conn = BaseHook.get_connection(conn_id)
+        except Exception:  # noqa: BLE001 - an undefined connection means "use the worker's environment"
+            continue
+        extra = conn.extra_dejson
+        if conn_id == "aws_default":
+            env.update({"AWS_ACCESS_KEY_ID": conn.login or "", "AWS_SECRET_ACCESS_KEY": conn.password or "",
+                        "AWS_DEFAULT_REGION": extra.get("region_name", "us-east-1"),
+                        "ECB_S3_ENDPOINT_URL": extra.get("endpoint_url", "")})
+        elif conn_id == "ecb_results":
+            env["ECB_RESULTS_DB_URL"] = conn.get_uri().replace("postgres://", "postgresql://", 1)
+        elif conn_id == "mlflow_default":
+            env["MLFLOW_TRACKING_URI"] = conn.host if "://" in (conn.host or "") else conn.get_uri()
+    return {k: v for k, v in env.items() if v is not None}
+
+
+def step_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(_conn_env())
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def parse_manifest(lines: list[str]) -> dict:
+    """The manifest is the last stdout line that is a JSON object."""
+    for line in reversed(lines):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    raise ValueError("the step printed no JSON manifest")
+
+
+class LocalStepOperator(BaseOperator):
+    """Run a step command as a subprocess of the worker, streaming its output into the task log."""
+
+    template_fields = ("inputs", "overrides")
+    ui_color = "#dbeafe"
+
+    def __init__(self, *, step: str, inputs: dict | None = None, overrides: dict | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.step = step
+        self.inputs = inputs or {}
+        self.overrides = overrides or {}
+
+    def command(self, run_id: str, params: dict) -> list[str]:
+        argv = [sys.executable, "-m", "tasks", self.step, "--run-id", run_id]
+        for name in config_params():
+            if name in params:
+                argv += ["--set", f"{name}={json.dumps(params[name])}"]
+        for name, value in self.overrides.items():
+            argv += ["--set", f"{name}={json.dumps(value)}"]
+        for key, value in self.inputs.items():
+            argv += ["--input", f"{key}={value}"]
+        return argv
+
+    def execute(self, context: Context) -> dict:
+        argv = self.command(context["run_id"], dict(context["params"]))
+        self.log.info("Running step %s: %s", self.step, " ".join(argv[1:]))
+        started = time.monotonic()
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=step_env(),
+                                bufsize=1, errors="replace")
+        lines: list[str] = []
+        timer = threading.Timer(self.execution_timeout.total_seconds() if self.execution_timeout else 1e9, proc.kill)
+        timer.start()
+        try:
+            for line in proc.stdout:
+                lines.append(line)
+                self.log.info("%s", line.rstrip("\n"))
+            rc = proc.wait()
+        finally:
+            timer.cancel()
+            if proc.poll() is None:  # the task itself was killed: do not leave the step running
+                proc.kill()
+        if rc != 0:
+            raise RuntimeError(f"step {self.step} exited with code {rc} after {time.monotonic() - started:.1f}s; "
+                               f"see the lines above for the reason")
+        manifest = parse_manifest(lines[-20:])
+        self.log.info("Step %s finished in %.1fs; manifest: %s", self.step, time.monotonic() - started,
+                      json.dumps(manifest, sort_keys=True))
+        return manifest
+
+
+def step(step_name: str, *, task_id: str | None = None, inputs: dict | None = None, gpu: bool = False,
+         timeout: timedelta | None = None, **kwargs) -> BaseOperator:
+    """The single factory the DAG uses for every step. GPU steps take a slot from the ``gpu`` pool."""
+    if gpu:
+        kwargs.setdefault("pool", "gpu")
+    return LocalStepOperator(task_id=task_id or step_name, step=step_name, inputs=inputs,
+                             execution_timeout=timeout, **kwargs)

@@ -1,0 +1,135 @@
+"""Turn the synced raw files into a ChatML snapshot: train/validation/test JSONL plus a quarantine file.
+
+    python -m tasks prepare_chatml --run-id R --input raw_manifest=s3://ecb-platform/raw/_manifests/<digest>.json
+
+Snapshot id = hash(raw manifest digest, prep settings, prep code version), so the same input is prepared once and
+every later run reuses it. Rows that cannot be used are kept aside in quarantine.jsonl with a reason, and the
+snapshot manifest reconciles rows_in = rows_kept + rows_quarantined + rows_sampled_out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+
+from tasks import chatml, s3
+from tasks.config import TRAINING_SECTIONS
+from tasks.runner import StepContext, StepError
+
+log = logging.getLogger("tasks.prepare_chatml")
+PREP_VERSION = "1"  # bump when cleaning/splitting code changes what a snapshot contains
+SPLITS = ("train", "validation", "test")
+
+
+def snapshot_id(raw_digest: str, data_cfg) -> str:
+    prep = {k: v for k, v in dataclasses.asdict(data_cfg).items() if k != "source"}  # content, not location
+    payload = json.dumps({"raw": raw_digest, "prep": prep, "version": PREP_VERSION}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def existing_snapshot(sid: str) -> dict | None:
+    from sqlalchemy import select
+
+    from tasks import db, schema
+
+    with db.engine().connect() as conn:
+        row = conn.execute(select(schema.snapshots).where(schema.snapshots.c.snapshot_id == sid)).mappings().first()
+    if row and s3.head(s3.join(row["uri"], "manifest.json")):
+        return dict(row)
+    return None
+
+
+def last_release() -> dict | None:
+    """The newest release that reached the registry (what 'the current model was trained on')."""
+    from sqlalchemy import select
+
+    from tasks import db, schema
+
+    r = schema.releases
+    query = (select(r.c.run_id, r.c.snapshot_id, r.c.config_hash, r.c.registry_version)
+             .where(r.c.registry_version.is_not(None), r.c.status != "failed")
+             .order_by(r.c.created_at.desc()).limit(1))
+    with db.engine().connect() as conn:
+        row = conn.execute(query).mappings().first()
+    return dict(row) if row else None
+
+
+def read_raw_files(manifest: dict) -> list[tuple[str, bytes]]:
+    files = []
+    for obj in manifest["objects"]:
+        try:
+            files.append((obj["rel"], s3.get_bytes(obj["raw_uri"])))
+        except Exception as exc:  # noqa: BLE001 - name the object; the cause is chained
+            raise StepError(f"cannot read raw file {obj['raw_uri']}: {exc}") from exc
+    return files
+
+
+def write_snapshot(sid: str, uri: str, result: chatml.PrepResult, ctx: StepContext, raw: dict) -> dict:
+    for split in SPLITS:
+        s3.put_bytes(s3.join(uri, f"{split}.jsonl"), chatml.splits_to_jsonl(result.splits[split]), "application/jsonl")
+    s3.put_bytes(s3.join(uri, "quarantine.jsonl"), chatml.quarantine_to_jsonl(result.quarantine), "application/jsonl")
+    s3.put_json(s3.join(uri, "config.json"), ctx.config.to_dict())
+    manifest = {
+        "snapshot_id": sid, "uri": uri, "raw_manifest_uri": raw["manifest_uri"], "raw_digest": raw["digest"],
+        "rows_in": result.rows_in, "rows_kept": result.rows_kept, "rows_quarantined": result.rows_quarantined,
+        "rows_sampled_out": result.rows_sampled_out, "quarantine_reasons": result.reasons,
+        "per_file": result.per_file, "unknown_columns": result.unknown_columns,
+        **{f"n_{s}": len(result.splits[s]) for s in SPLITS}, "prep_version": PREP_VERSION,
+        "created_by_run": ctx.run_id,
+    }
+    # manifest.json last: its presence marks the snapshot complete, so a killed run is redone, not reused.
+    s3.put_json(s3.join(uri, "manifest.json"), manifest)
+    return manifest
+
+
+def record(ctx: StepContext, m: dict, data_cfg_hash: str) -> None:
+    from sqlalchemy import update
+
+    from tasks import db, schema
+
+    row = {k: m[k] for k in ("snapshot_id", "raw_digest", "uri", "rows_in", "rows_kept", "rows_quarantined",
+                             "rows_sampled_out", "n_train", "n_validation", "n_test", "created_by_run")}
+    row.update(prep_config_hash=data_cfg_hash, quarantine_reasons=m["quarantine_reasons"])
+    with db.engine().begin() as conn:
+        db.upsert(conn, schema.snapshots, row, keys=("snapshot_id",), update=())
+        conn.execute(update(schema.pipeline_runs).where(schema.pipeline_runs.c.run_id == ctx.run_id)
+                     .values(snapshot_id=m["snapshot_id"]))
+
+
+def prepare(ctx: StepContext, raw: dict, sid: str, uri: str) -> dict:
+    try:
+        result = chatml.prepare(read_raw_files(raw), ctx.config.data)
+    except chatml.SchemaError as exc:
+        raise StepError(str(exc)) from exc
+    if result.rows_kept == 0:
+        raise StepError(f"no usable rows in {raw['n_objects']} raw file(s): {result.rows_quarantined} quarantined "
+                        f"({result.reasons}); see {uri}/quarantine.jsonl")
+    m = write_snapshot(sid, uri, result, ctx, raw)
+    log.info("prepared snapshot %s: rows_in=%d kept=%d quarantined=%d sampled_out=%d -> train=%d validation=%d "
+             "test=%d", sid, m["rows_in"], m["rows_kept"], m["rows_quarantined"], m["rows_sampled_out"],
+             m["n_train"], m["n_validation"], m["n_test"])
+    for reason, n in sorted(m["quarantine_reasons"].items()):
+        log.info("quarantined %d row(s) with reason %s", n, reason)
+    return m
+
+
+def run(ctx: StepContext) -> dict:
+    cfg = ctx.config
+    raw = s3.get_json(ctx.require_input("raw_manifest"))
+    sid = snapshot_id(raw["digest"], cfg.data)
+    uri = s3.join(f"s3://{cfg.storage.bucket}", cfg.storage.snapshot_prefix, sid)
+    if existing := existing_snapshot(sid):
+        log.info("snapshot %s already prepared by run %s from the same raw data and settings; reusing it",
+                 sid, existing["created_by_run"])
+        m = s3.get_json(s3.join(uri, "manifest.json"))
+    else:
+        m = prepare(ctx, raw, sid, uri)
+    config_hash = cfg.section_hash(*TRAINING_SECTIONS)
+    record(ctx, m, cfg.section_hash("data"))
+    release = last_release()
+    unchanged = bool(release and release["snapshot_id"] == sid and release["config_hash"] == config_hash)
+    return {"snapshot_id": sid, "snapshot_uri": uri, "reused": bool(existing), "config_hash": config_hash,
+            "unchanged_since_release": unchanged, "last_release": release,
+            **{k: m[k] for k in ("rows_in", "rows_kept", "rows_quarantined", "n_train", "n_validation", "n_test")}}

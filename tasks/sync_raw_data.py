@@ -1,0 +1,113 @@
+"""Mirror the raw support conversations into the platform's raw area, incrementally.
+
+    python -m tasks sync_raw_data --run-id R [--set data.source=s3://bucket/prefix/ | /local/folder]
+
+An object is copied only when its checksum (S3 ETag, or the MD5 of a local file, which is what S3 reports for a
+single-part upload) differs from the one recorded on the copy. The manifest (keys, sizes, checksums and a digest
+over them) goes to S3 and to Postgres ``raw_manifests``; re-running for the same run id rewrites the same rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from tasks import s3
+from tasks.config import TRAINING_SECTIONS
+from tasks.runner import StepContext, StepError
+
+log = logging.getLogger("tasks.sync_raw_data")
+SOURCE_ETAG = "source-etag"  # object metadata key on the copy
+
+
+def list_source(source: str, patterns: list[str]) -> list[dict]:
+    """[{'rel': relative key, 'uri': s3 uri or path, 'size', 'etag'}] for matching files, sorted by rel."""
+    wanted = tuple(p.lower() for p in patterns)
+    if source.startswith("s3://"):
+        bucket, prefix = s3.split_uri(source)
+        try:
+            objects = list(s3.list_objects(source))
+        except Exception as exc:  # noqa: BLE001 - name the source; the cause is chained
+            raise StepError(f"cannot list data.source {source}: {exc}") from exc
+        found = [{"rel": o["key"][len(prefix):].lstrip("/"), "uri": f"s3://{bucket}/{o['key']}", "size": o["size"],
+                  "etag": o["etag"]} for o in objects]
+    else:
+        root = Path(source).expanduser()
+        if not root.is_dir():
+            raise StepError(f"data.source {source} is neither an s3:// URI nor an existing folder")
+        found = [{"rel": p.relative_to(root).as_posix(), "uri": str(p), "size": p.stat().st_size,
+                  "etag": hashlib.md5(p.read_bytes(), usedforsecurity=False).hexdigest()}
+                 for p in root.rglob("*") if p.is_file()]
+    return sorted((f for f in found if f["rel"].lower().endswith(wanted)), key=lambda f: f["rel"])
+
+
+def copy_one(obj: dict, dest_uri: str) -> bool:
+    """Copy one source object to dest_uri unless an identical copy is already there; True when copied."""
+    current = s3.head(dest_uri)
+    if current and current.get("Metadata", {}).get(SOURCE_ETAG) == obj["etag"]:
+        return False
+    meta = {SOURCE_ETAG: obj["etag"]}
+    if obj["uri"].startswith("s3://"):
+        s3.copy(obj["uri"], dest_uri, metadata=meta)
+    else:
+        s3.put_bytes(dest_uri, Path(obj["uri"]).read_bytes(), metadata=meta)
+    copied = s3.head(dest_uri)
+    if not copied or copied["ContentLength"] != obj["size"]:
+        raise StepError(f"copy of {obj['uri']} to {dest_uri} is incomplete "
+                        f"({copied and copied['ContentLength']} of {obj['size']} bytes)")
+    return True
+
+
+def manifest_digest(objects: list[dict]) -> str:
+    keyed = [(o["rel"], o["etag"], o["size"]) for o in objects]
+    return hashlib.sha256(json.dumps(keyed).encode()).hexdigest()
+
+
+def record(ctx: StepContext, manifest: dict) -> None:
+    from tasks import db, schema
+
+    with db.engine().begin() as conn:
+        db.upsert(conn, schema.pipeline_runs, {"run_id": ctx.run_id, "config": ctx.config.to_dict(),
+                                               "config_hash": ctx.config.section_hash(*TRAINING_SECTIONS)},
+                  keys=("run_id",))
+        db.upsert(conn, schema.raw_manifests, {
+            "run_id": ctx.run_id, "source": manifest["source"], "manifest_uri": manifest["manifest_uri"],
+            "digest": manifest["digest"], "n_objects": manifest["n_objects"], "n_bytes": manifest["n_bytes"],
+            "n_copied": manifest["n_copied"], "objects": manifest["objects"]}, keys=("run_id",))
+
+
+def run(ctx: StepContext) -> dict:
+    cfg = ctx.config
+    raw_root = f"s3://{cfg.storage.bucket}/{cfg.storage.raw_prefix}"
+    objects = list_source(cfg.data.source, cfg.data.file_patterns)
+    if not objects:
+        raise StepError(f"data.source {cfg.data.source} holds no files ending in {cfg.data.file_patterns}")
+    copied = 0
+    for obj in objects:
+        obj["raw_uri"] = s3.join(raw_root, obj["rel"])
+        if copy_one(obj, obj["raw_uri"]):
+            copied += 1
+            log.info("copied %s -> %s (%d bytes)", obj["uri"], obj["raw_uri"], obj["size"])
+    digest = manifest_digest(objects)
+    manifest = {"source": cfg.data.source, "digest": digest, "n_objects": len(objects),
+                "n_bytes": sum(o["size"] for o in objects), "n_copied": copied,
+                "objects": [{k: o[k] for k in ("rel", "raw_uri", "size", "etag")} for o in objects]}
+    # Content-addressed copy (shared by every run that saw the same data) plus the run's own pointer.
+    manifest["manifest_uri"] = s3.join(raw_root, "_manifests", f"{digest}.json")
+    s3.put_json(manifest["manifest_uri"], manifest)
+    save_run_config(ctx)
+    record(ctx, manifest)
+    log.info("sync done: %d objects (%d bytes) in the manifest, %d copied, %d unchanged; digest %s",
+             len(objects), manifest["n_bytes"], copied, len(objects) - copied, digest[:12])
+    return {k: manifest[k] for k in ("manifest_uri", "digest", "n_objects", "n_bytes", "n_copied")}
+
+
+def save_run_config(ctx: StepContext) -> str:
+    """The resolved config, saved once per run beside the run's artifacts (same content on every retry)."""
+    uri = s3.join(f"s3://{ctx.config.storage.bucket}", ctx.config.storage.runs_prefix, s3.safe_key(ctx.run_id),
+                  "config.json")
+    s3.put_json(uri, ctx.config.to_dict())
+    return uri
+
