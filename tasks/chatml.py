@@ -73,11 +73,13 @@ class PrepResult:
 _INLINE_TAGS = "b|i|u|em|strong|span|a|img|font"
 _BLOCK_TAGS = "p|div|ul|ol|li|table|tr|h[1-6]"
 _CELL_TAGS = "td|th"
-_ATTRS = r"(?:\s+[^<>]*?)?\s*/?>"
-_SCRIPT_RE = re.compile(r"<(script|style)\b[^<>]*>.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
-_COMMENT_RE = re.compile(r"<!--.*?-->", re.DOTALL)
+_ATTRS = r"(?:[\s/][^<>]*)?>"  # unambiguous on purpose: nested optional whitespace backtracks catastrophically
+_HIDDEN_OPEN_RE = re.compile(r"<!--|<(script|style)\b[^<>]*>", re.IGNORECASE)
+_HIDDEN_CLOSE_RE = {"comment": re.compile("-->"), "script": re.compile(r"</script\s*>", re.IGNORECASE),
+                    "style": re.compile(r"</style\s*>", re.IGNORECASE)}
 # A run of adjacent block tags ("</li>\n<li>") is one line break, or a blank line when it closes a paragraph.
-_BLOCK_RUN_RE = re.compile(rf"(?:\s*</?(?:{_BLOCK_TAGS}){_ATTRS})+\s*", re.IGNORECASE)
+_BLOCK_TAG = rf"</?(?:{_BLOCK_TAGS}){_ATTRS}"
+_BLOCK_RUN_RE = re.compile(rf"{_BLOCK_TAG}(?:\s*{_BLOCK_TAG})*\s*", re.IGNORECASE)
 _PARAGRAPH_RE = re.compile(r"</?p\b", re.IGNORECASE)
 _BR_RE = re.compile(rf"<br{_ATTRS}", re.IGNORECASE)
 _CELL_RE = re.compile(rf"</?(?:{_CELL_TAGS}){_ATTRS}", re.IGNORECASE)
@@ -91,10 +93,31 @@ _CONTROL_RE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x84\x86-\x9f\ufeff]")
 _MANY_NEWLINES_RE = re.compile(r"\n{3,}")
 
 
+def _drop_hidden(s: str) -> str:
+    """Remove comments and script/style blocks *with* their contents, in linear time.
+
+    A lazy ``<script>.*?</script>`` regex is quadratic on text with many unclosed openers; here, once a kind has
+    no closer after some opener, no later opener of that kind can have one either, so it is never searched again.
+    Unclosed openers stay (a bare <script> tag is stripped later, a stray "<!--" is kept as text).
+    """
+    parts, pos, unclosed = [], 0, set()
+    for m in _HIDDEN_OPEN_RE.finditer(s):
+        kind = (m.group(1) or "comment").lower()
+        if m.start() < pos or kind in unclosed:  # inside a block already dropped, or known to be unclosed
+            continue
+        end = _HIDDEN_CLOSE_RE[kind].search(s, m.end())
+        if end is None:
+            unclosed.add(kind)
+            continue
+        parts.append(s[pos:m.start()])
+        pos = end.end()
+    parts.append(s[pos:])
+    return "".join(parts)
+
+
 def clean_text(s: str) -> str:
     """Strip HTML markup and entities, normalise whitespace and Unicode; keep wording, case, emoji, {{slots}}."""
-    s = _SCRIPT_RE.sub("", s)
-    s = _COMMENT_RE.sub("", s)
+    s = _drop_hidden(s)
     s = _BLOCK_RUN_RE.sub(lambda m: "\n\n" if _PARAGRAPH_RE.search(m.group(0)) else "\n", s)
     s = _BR_RE.sub("\n", s)  # after the runs: each <br> is one deliberate line break
     s = _CELL_RE.sub(" ", s)
@@ -212,7 +235,7 @@ def _csv_header(name: str, header: list[str] | None, data: bytes, cfg: DataConfi
 
 
 def _csv_raw(columns: list[str], cells: list[str]) -> dict:
-    raw = {col: _safe_text(val) for col, val in zip(columns, cells)}
+    raw = {col: _safe_text(val) for col, val in zip(columns, cells, strict=False)}
     if len(cells) > len(columns):
         raw["__extra__"] = [_safe_text(v) for v in cells[len(columns):]]
     return raw
@@ -241,7 +264,7 @@ def _read_csv(name: str, data: bytes, cfg: DataConfig) -> tuple[list[Record], li
         problem = _csv_problem(columns, cells)
         record = None
         if problem is None:
-            record, problem = _make_record(dict(zip(columns, cells)), name, rows_in, cfg)
+            record, problem = _make_record(dict(zip(columns, cells, strict=True)), name, rows_in, cfg)
         if record is not None:
             records.append(record)
         else:
@@ -411,7 +434,8 @@ def sample_records(records: list[Record], cfg: DataConfig) -> list[Record]:
     sampled = []
     for intent in sorted(by_intent):
         pool = sorted(by_intent[intent], key=_order_key)
-        sampled += random.Random(f"{cfg.seed}:{intent}:sample").sample(pool, quota[intent])
+        rng = random.Random(f"{cfg.seed}:{intent}:sample")  # noqa: S311 -- reproducible sampling, not crypto
+        sampled += rng.sample(pool, quota[intent])
     return sorted(sampled, key=_order_key)
 
 
@@ -451,7 +475,7 @@ def split_records(records: list[Record], cfg: DataConfig) -> dict[str, list[Reco
     splits: dict[str, list[Record]] = {s: [] for s in SPLITS}
     for intent in sorted(keys_by_intent):
         keys = sorted(keys_by_intent[intent])
-        random.Random(f"{cfg.seed}:{intent}").shuffle(keys)
+        random.Random(f"{cfg.seed}:{intent}").shuffle(keys)  # noqa: S311 -- reproducible split, not crypto
         n_test, n_val = _split_sizes(len(keys), cfg)
         for i, key in enumerate(keys):
             name = "test" if i < n_test else "validation" if i < n_test + n_val else "train"

@@ -42,8 +42,10 @@ def cmd_stack(args) -> int:
 
 
 def _airflow_json(s: dict, *args: str):
-    out = stack.airflow_cli(s, *args, "-o", "json").stdout.strip()
-    return json.loads(out[out.find("["):]) if "[" in out else []
+    out = stack.airflow_cli(s, *args, "-o", "json").stdout
+    # Airflow prints warnings on stdout too; the JSON document is the line that starts with '['.
+    lines = [line for line in out.splitlines() if line.startswith(("[{", "[]"))]
+    return json.loads(lines[-1]) if lines else []
 
 
 def wait_for_dag(s: dict, timeout: float = 180) -> None:
@@ -86,11 +88,13 @@ def upload_demo_data(s: dict, rows: int, seed: int) -> dict:
 
 
 def cmd_demo(args) -> int:
-    urls = stack.up()
+    # Data first, Airflow second: an unpaused nightly DAG may start a run as soon as the scheduler is up.
+    stack.up(airflow=False)
     s = stack.load_settings()
-    print("stack up:", ", ".join(f"{k}={v}" for k, v in urls.items()), flush=True)
     up = upload_demo_data(s, args.rows, args.seed)
     print(f"demo data: {up['rows']} rows ({up['bytes']} bytes) at {up['uri']}", flush=True)
+    urls = stack.up()
+    print("stack up:", ", ".join(f"{k}={v}" for k, v in urls.items()), flush=True)
     wait_for_dag(s)
     run = trigger_and_wait(s, {"force_retrain": args.force_retrain}, args.timeout)
     states = stack.airflow_cli(s, "tasks", "states-for-dag-run", DAG_ID, run["run_id"], check=False).stdout

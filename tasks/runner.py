@@ -68,8 +68,11 @@ def emit_manifest(manifest: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Under Airflow the task log adds its own timestamps (ECB_LOG_TIMESTAMPS=0), on a terminal we add ours.
+    stamp = "%(asctime)s " if os.environ.get("ECB_LOG_TIMESTAMPS", "1") == "1" else ""
     logging.basicConfig(level=os.environ.get("ECB_LOG_LEVEL", "INFO"), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=stamp + "%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("botocore").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:
         inputs = dict(kv.split("=", 1) for kv in args.inputs)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
 from functools import lru_cache
-from typing import Iterator
 
 
 def split_uri(uri: str) -> tuple[str, str]:

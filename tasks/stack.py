@@ -70,11 +70,12 @@ def wait_for(check, what: str, timeout: float, log: Path | None = None) -> None:
         try:
             if check():
                 return
-        except Exception:  # noqa: BLE001 - any failure means "not ready yet"
+        except Exception:  # noqa: S110 - any failure means "not ready yet"
             pass
         time.sleep(0.5)
     tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:]) if log and log.exists() else ""
-    raise StackError(f"{what} did not become healthy within {timeout:.0f}s" + (f"; last log lines:\n{tail}" if tail else ""))
+    detail = f"; last log lines:\n{tail}" if tail else ""
+    raise StackError(f"{what} did not become healthy within {timeout:.0f}s{detail}")
 
 
 def http_ok(url: str) -> bool:

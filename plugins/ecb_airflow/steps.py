@@ -46,7 +46,7 @@ def _conn_env() -> dict[str, str]:
     for conn_id in CONNECTIONS:
         try:
             conn = BaseHook.get_connection(conn_id)
-        except Exception:  # noqa: BLE001 - an undefined connection means "use the worker's environment"
+        except Exception:  # noqa: S112 - an undefined connection means "use the worker's environment"
             continue
         extra = conn.extra_dejson
         if conn_id == "aws_default":
@@ -64,6 +64,7 @@ def step_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(_conn_env())
     env.setdefault("PYTHONUNBUFFERED", "1")
+    env["ECB_LOG_TIMESTAMPS"] = "0"  # the task log stamps every line already
     return env
 
 

@@ -24,7 +24,8 @@ def raw_rows(run_id):
 def test_s3_source_is_copied_once_then_incrementally(services, uid):
     source = f"s3://ecb-landing/test-{uid}/"
     s3.put_bytes(source + "a.csv", datagen.to_csv_bytes(datagen.generate_rows(30, seed=1)))
-    s3.put_bytes(source + "sub/b.jsonl", b'{"instruction": "hi", "response": "hello", "intent": "x", "category": "Y"}\n')
+    line = b'{"instruction": "hi", "response": "hello", "intent": "x", "category": "Y"}\n'
+    s3.put_bytes(source + "sub/b.jsonl", line)
     s3.put_bytes(source + "notes.txt", b"ignored: not a data file")
     common = ["--set", f"data.source={source}", "--set", f"storage.raw_prefix=raw-{uid}/"]
 

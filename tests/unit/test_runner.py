@@ -11,7 +11,8 @@ from tests.conftest import REPO
 
 
 def test_help_lists_steps_without_heavy_imports():
-    code = "import sys; from tasks import runner; runner.build_parser(); print(sorted(m for m in ('torch','mlflow','transformers') if m in sys.modules))"
+    code = ("import sys; from tasks import runner; runner.build_parser(); "
+            "print(sorted(m for m in ('torch', 'mlflow', 'transformers') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert r.stdout.strip() == "[]"
 
