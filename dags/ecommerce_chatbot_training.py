@@ -1,13 +1,18 @@
 """
 ### E-commerce support chatbot: nightly training pipeline
 
-Syncs raw support conversations from `data.source` into the platform's S3 raw area, prepares a ChatML snapshot
-(train / validation / test, stratified by intent, bad rows quarantined with a reason) and decides whether anything
-changed since the released model. Every step is `python -m tasks <step>` run by one step mechanism
-(`ecb_airflow.steps`); XCom carries only the small JSON manifests the steps print.
+1. `sync_raw_data` mirrors `data.source` into the platform's S3 raw area (incremental, manifest in S3 + Postgres).
+2. `prepare_chatml` builds a ChatML snapshot (train / validation / test by intent; bad rows quarantined with a
+   reason); the same input is prepared once.
+3. `data_or_params_changed` stops the run early when the snapshot and training config equal the released model's.
+4. `plan_hpo` -> `hpo_trial` (one mapped task per Optuna trial, `gpu` pool) -> `select_best` -> `finetune`
+   (LoRA / QLoRA, resumable from S3 checkpoints).
 
-**Trigger with config** to override a run: `force_retrain` trains even when nothing changed; the other fields are
-the platform config (see `include/config/default.yaml` and `tasks/config.py` for every field's help).
+Every step is `python -m tasks <step>` run by one step mechanism (`ecb_airflow.steps`); XCom carries only the
+small JSON manifests the steps print.
+
+**Trigger with config** to override a run: `force_retrain` trains even when nothing changed; `hpo.enabled` and
+`hpo.n_trials` steer the search; the other fields are the platform config (`ecb config` lists all of them).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import dag, task
 
 from ecb_airflow.params import dag_params
-from ecb_airflow.steps import from_step, step
+from ecb_airflow.steps import from_step, mapped_step, step
 from tasks.config import load_config
 
 CFG = load_config()  # parsed once per DAG-file parse; pure Python, no ML imports
@@ -42,12 +47,13 @@ default_args = {
     doc_md=__doc__,
 )
 def ecommerce_chatbot_training():
-    step_timeout = timedelta(seconds=CFG.pipeline.step_timeout_s)
-    sync = step("sync_raw_data", timeout=step_timeout)
+    timeout = timedelta(seconds=CFG.pipeline.step_timeout_s)
+    snapshot = {"snapshot_uri": from_step("prepare_chatml", "snapshot_uri")}
+    sync = step("sync_raw_data", timeout=timeout)
     prep = step("prepare_chatml", inputs={"raw_manifest": from_step("sync_raw_data", "manifest_uri")},
-                timeout=step_timeout)
+                timeout=timeout)
 
-    @task.short_circuit(ignore_downstream_trigger_rules=False)
+    @task.short_circuit
     def data_or_params_changed(prep_manifest: dict, params: dict | None = None) -> bool:
         """Stop the nightly run early when it would retrain on exactly what the released model saw."""
         import logging
@@ -67,7 +73,20 @@ def ecommerce_chatbot_training():
                  f"snapshot {release['snapshot_id']}, config {release['config_hash']}" if release else "none yet")
         return True
 
-    sync >> prep >> data_or_params_changed(prep.output)
+    @task
+    def trial_inputs(plan_manifest: dict, prep_manifest: dict) -> list[dict]:
+        """One input dict per Optuna trial slot (empty when HPO is off: the mapped task is then skipped)."""
+        return [{**slot, "snapshot_uri": prep_manifest["snapshot_uri"]} for slot in plan_manifest["slots"]]
+
+    changed = data_or_params_changed(prep.output)
+    plan = step("plan_hpo", timeout=timeout)
+    trials = mapped_step("hpo_trial", trial_inputs(plan.output, prep.output), gpu=True, timeout=timeout)
+    # all_done: failed or pruned trials (or none at all, with HPO off) must not block choosing the best.
+    best = step("select_best", inputs={"study": from_step("plan_hpo", "study")}, trigger_rule="all_done",
+                timeout=timeout)
+    tune = step("finetune", gpu=True, timeout=timeout,
+                inputs={**snapshot, "best_params": from_step("select_best", "best_params_json")})
+    sync >> prep >> changed >> plan >> trials >> best >> tune
 
 
 ecommerce_chatbot_training()

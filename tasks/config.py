@@ -22,7 +22,7 @@ DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "include" / "conf
 
 
 # Sections whose values change what a trained model is; their hash decides whether a nightly run may stop early.
-TRAINING_SECTIONS = ("data",)
+TRAINING_SECTIONS = ("data", "model", "lora", "training", "hpo")
 
 
 class ConfigError(ValueError):
@@ -73,6 +73,79 @@ class DataConfig:
 
 
 @dataclass
+class ModelConfig:
+    base_model: str = opt("TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+                          "Base chat model: a Hugging Face id (local cache or hub), a local folder, or an s3:// prefix "
+                          "holding the model in Hugging Face format.", param=True)
+    revision: str = opt("main", "Hub revision (branch, tag or commit) when base_model is a Hugging Face id.")
+    cache_dir: str = opt("", "Where s3:// base models are synced to (default: $ECB_MODEL_CACHE or "
+                             "~/.cache/ecb/models).")
+    max_seq_len: int = opt(1024, "Longest tokenized conversation used for training; longer ones are truncated.",
+                           minimum=32, maximum=32768)
+    attn_implementation: str = opt("sdpa", "Attention kernel passed to transformers.",
+                                   choices=("sdpa", "eager", "flash_attention_2", "flex_attention"))
+
+
+@dataclass
+class LoraConfig:
+    r: int = opt(16, "LoRA rank.", minimum=1, maximum=512)
+    alpha: int = opt(32, "LoRA alpha (scaling = alpha / r).", minimum=1, maximum=1024)
+    dropout: float = opt(0.05, "Dropout on the LoRA branch.", minimum=0.0, maximum=0.9)
+    target_modules: list = opt(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                               "Linear layers that get LoRA adapters (default: all attention and MLP projections).")
+    quantization: str = opt("none", "'nf4' trains QLoRA on a 4-bit NF4 base (needs CUDA and bitsandbytes).",
+                            choices=("none", "nf4"))
+
+
+@dataclass
+class TrainingConfig:
+    learning_rate: float = opt(5e-4, "Peak AdamW learning rate.", minimum=1e-7, maximum=1.0)
+    weight_decay: float = opt(0.0, "AdamW weight decay on LoRA weights.", minimum=0.0, maximum=1.0)
+    warmup_ratio: float = opt(0.05, "Share of steps with linear warm-up.", minimum=0.0, maximum=0.5)
+    epochs: float = opt(2.0, "Passes over the training split (fractions allowed).", minimum=0.01, maximum=100.0)
+    max_steps: int = opt(0, "Stop after this many optimizer steps (0 = from epochs).", minimum=0)
+    batch_size: int = opt(16, "Conversations per optimizer step (length-grouped, padded per batch only).",
+                          minimum=1, maximum=4096)
+    checkpoint_every: int = opt(50, "Save a resumable checkpoint to S3 every N optimizer steps.", minimum=1)
+    log_every_s: float = opt(5.0, "Seconds between progress lines in the task log.", minimum=0.1)
+    eval_batches: int = opt(8, "Validation batches for the validation loss.", minimum=1)
+    seed: int = opt(1234, "Seed for batch order, LoRA init and dropout.")
+    dtype: str = opt("auto", "'auto' = bf16 where the device supports it, fp32 on CPU.",
+                     choices=("auto", "bf16", "fp16", "fp32"))
+    gradient_checkpointing: bool = opt(False, "Trade compute for memory (only needed for long sequences).")
+
+
+@dataclass
+class HpoConfig:
+    enabled: bool = opt(True, "Run the Optuna search before the final fine-tune.", param=True)
+    n_trials: int = opt(4, "Trials per DAG run (mapped tasks; parallelism bounded by the 'gpu' pool).",
+                        minimum=1, maximum=256, param=True)
+    trial_train_rows: int = opt(256, "Training conversations per trial (a subset: trials train briefly).",
+                                minimum=8)
+    trial_max_steps: int = opt(30, "Optimizer steps per trial.", minimum=1)
+    trial_eval_rows: int = opt(32, "Validation conversations scored per trial.", minimum=4)
+    report_every: int = opt(10, "Report validation loss to the pruner every N steps.", minimum=1)
+    lora_r: list = opt([8, 32], "LoRA rank range (ints, inclusive; sampled in powers of two).")
+    lora_alpha: list = opt([16, 64], "LoRA alpha range.")
+    lora_dropout: list = opt([0.05, 0.2], "LoRA dropout range.")
+    learning_rate: list = opt([1e-4, 1e-3], "Learning-rate range (log-uniform).")
+    weight_decay: list = opt([0.0, 0.1], "Weight-decay range.")
+    batch_size: list = opt([8, 16], "Batch sizes to choose from.")
+    warmup_ratio: list = opt([0.0, 0.1], "Warm-up ratio range.")
+    pruner: str = opt("median", "Optuna pruner.", choices=("median", "hyperband", "none"))
+    seed: int = opt(7, "Sampler seed.")
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = opt(160, "Tokens generated per answer (greedy).", minimum=1, maximum=4096)
+    batch_size: int = opt(32, "Prompts per generation batch (left-padded, sorted by length).", minimum=1)
+    max_examples: int = opt(0, "Score at most this many test conversations (0 = all).", minimum=0)
+    weights: dict = opt({"bleu1": 0.10, "bleu2": 0.15, "bleu3": 0.25, "bleu4": 0.40, "rougeL_precision": 0.10},
+                        "Weights of the weighted score (the seed project's: BLEU-1..4 and ROUGE-L precision).")
+
+
+@dataclass
 class PipelineConfig:
     schedule: str = opt("@daily", "Cron or preset for nightly retraining (read when the DAG file is parsed).")
     retries: int = opt(2, "Airflow retries per task; a retry resumes from what the step already wrote.",
@@ -85,6 +158,11 @@ class PipelineConfig:
 class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    hpo: HpoConfig = field(default_factory=HpoConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def to_dict(self) -> dict:
@@ -111,6 +189,11 @@ def _coerce(name: str, value: Any, typ: Any, meta: dict) -> Any:
     base = typing.get_origin(typ) or typ
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if base is float and isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if base is bool and not isinstance(value, bool) or base is not bool and isinstance(value, bool) \
             or not isinstance(value, base):
         raise ConfigError(f"config field '{name}': expected {base.__name__}, got {value!r}")

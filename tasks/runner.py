@@ -17,12 +17,18 @@ from pathlib import Path
 
 from tasks.config import Config, ConfigError, load_config
 
-# step name -> module that implements it (module.run(ctx) -> manifest dict)
+# step name -> "module[:function]" implementing it (function(ctx) -> manifest dict; default function: run)
 STEPS = {
     "migrate": "tasks.db",
     "sync_raw_data": "tasks.sync_raw_data",
     "prepare_chatml": "tasks.prepare_chatml",
     "generate_demo_data": "tasks.datagen",
+    "build_demo_model": "tasks.demo_model",
+    "plan_hpo": "tasks.hpo:plan",
+    "hpo_trial": "tasks.hpo:trial",
+    "select_best": "tasks.hpo:select_best",
+    "finetune": "tasks.finetune",
+    "evaluate": "tasks.evaluate",
 }
 
 K8S_XCOM_PATH = Path("/airflow/xcom/return.json")
@@ -77,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         inputs = dict(kv.split("=", 1) for kv in args.inputs)
         ctx = StepContext(args.step, args.run_id, load_config(args.config, args.overrides), args.overrides, inputs)
-        module = importlib.import_module(STEPS[args.step])
-        manifest = module.run(ctx)
+        module_name, _, func = STEPS[args.step].partition(":")
+        manifest = getattr(importlib.import_module(module_name), func or "run")(ctx)
     except (StepError, ConfigError) as exc:
         log.error("step %s failed: %s", args.step, exc)
         return 2

@@ -37,6 +37,7 @@ pipeline_runs = Table(
     Column("config", JSONB),
     Column("config_hash", String(64)),
     Column("snapshot_id", String(64)),
+    Column("hpo", JSONB),  # study name, trial counts, best trial and its parameters
     _ts(), _ts("updated_at"),
 )
 

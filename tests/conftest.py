@@ -7,6 +7,7 @@ need none start none. Set ECB_TEST_KEEP_STACK=1 to leave them running between lo
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,6 +22,9 @@ SHARED_DATA = REPO.parent / "shared" / "data" / "bitext_customer_support_sample.
 os.environ["ECB_STATE_DIR"] = os.environ.get("ECB_TEST_STATE_DIR") or str(REPO / ".ecb-test")
 os.environ["AIRFLOW_HOME"] = str(REPO)
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+os.environ["ECB_CONFIG"] = str(REPO / "tests" / "ecb_test_config.yaml")
+os.environ["ECB_MODEL_CACHE"] = str(Path(os.environ["ECB_STATE_DIR"]) / "model-cache")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network here: never wait on the Hub
 sys.path[:0] = [str(REPO), str(REPO / "plugins")]
 
 from tasks import stack  # noqa: E402
@@ -50,10 +54,36 @@ def services():
 @pytest.fixture(scope="session")
 def airflow_db(services):
     """Airflow's metadata database, migrated in the stack's Postgres (needed by dag.test())."""
-    r = subprocess.run([str(stack.BIN / "airflow"), "db", "migrate"], env=stack.process_env(SETTINGS),
-                       capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    env = stack.process_env(SETTINGS)
+    for argv in (["db", "migrate"], ["pools", "set", "gpu", "1", "GPU slots"]):
+        r = subprocess.run([str(stack.BIN / "airflow"), *argv], env=env, capture_output=True, text=True, cwd=REPO)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return True
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(services):
+    """A real MLflow tracking server (Postgres backend store, S3 artifacts)."""
+    url = stack.mlflow_up(SETTINGS)
+    yield url
+    if not _keep():
+        stack.MLFLOW.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_base_model(tmp_path_factory) -> Path:
+    """A tiny Llama-architecture chat model built like the demo base (same code path as TinyLlama), local dir."""
+    from tasks import datagen, demo_model
+
+    rows = datagen.generate_rows(400, seed=5)
+    texts = [r["instruction"] for r in rows] + [r["response"] for r in rows]
+    tokenizer = demo_model.build_tokenizer(texts, vocab_size=512)
+    model = demo_model.build_model(tokenizer, size="tiny")
+    demo_model.pretrain(model, tokenizer, texts, steps=120)
+    out = tmp_path_factory.mktemp("tiny-base")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
 
 
 @pytest.fixture
@@ -82,3 +112,8 @@ def run_step(step: str, run_id: str, *args: str, check: bool = True) -> subproce
     if check:
         assert r.returncode == 0, f"{step} failed:\n{r.stderr[-4000:]}"
     return r
+
+
+def step_manifest(step: str, run_id: str, *args: str) -> dict:
+    """Run a step and return its manifest (the last stdout line)."""
+    return json.loads(run_step(step, run_id, *args).stdout.strip().splitlines()[-1])

@@ -17,7 +17,7 @@ from datetime import timedelta
 
 from airflow.sdk import BaseOperator, Context
 
-from tasks.config import Config, iter_fields
+from tasks.config import iter_fields, load_config
 
 # Airflow connection id -> how it becomes step environment (None when the connection is not defined).
 CONNECTIONS = ("aws_default", "ecb_results", "mlflow_default")
@@ -29,8 +29,8 @@ def from_step(task_id: str, key: str) -> str:
 
 
 def config_params() -> dict[str, tuple]:
-    """Config fields shown on the trigger form: dotted name -> (default, help, field type)."""
-    defaults = Config()
+    """Config fields shown on the trigger form: dotted name -> (default from the YAML config, help, field type)."""
+    defaults = load_config()
     out = {}
     for name, f, typ in iter_fields():
         if f.metadata.get("param"):
@@ -137,3 +137,12 @@ def step(step_name: str, *, task_id: str | None = None, inputs: dict | None = No
         kwargs.setdefault("pool", "gpu")
     return LocalStepOperator(task_id=task_id or step_name, step=step_name, inputs=inputs,
                              execution_timeout=timeout, **kwargs)
+
+
+def mapped_step(step_name: str, expand_inputs, *, task_id: str | None = None, gpu: bool = False,
+                timeout: timedelta | None = None, **kwargs):
+    """The same step, dynamically mapped: one task instance per element (a dict of inputs) of expand_inputs."""
+    if gpu:
+        kwargs.setdefault("pool", "gpu")
+    return LocalStepOperator.partial(task_id=task_id or step_name, step=step_name, execution_timeout=timeout,
+                                     **kwargs).expand(inputs=expand_inputs)

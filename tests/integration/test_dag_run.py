@@ -1,4 +1,7 @@
-"""The training DAG through dag.test() on real embedded Postgres + SeaweedFS (Airflow metadata in Postgres too)."""
+"""The training DAG through dag.test() on real Postgres, SeaweedFS and MLflow (Airflow metadata in Postgres too).
+
+Sizes come from tests/ecb_test_config.yaml (3 HPO trials, short fine-tune) and the tiny demo-style base model.
+"""
 
 import shutil
 
@@ -36,8 +39,9 @@ def run_dag(dagbag, conf):
     return dagrun
 
 
-def test_dag_syncs_prepares_and_is_idempotent(services, airflow_db, dagbag, source, uid):
-    conf = {"data.source": str(source)}
+def test_dag_syncs_prepares_and_is_idempotent(services, airflow_db, mlflow_server, dagbag, source, tiny_base_model,
+                                              uid):
+    conf = {"data.source": str(source), "model.base_model": str(tiny_base_model)}
     first = run_dag(dagbag, conf)
     sync, prep = xcom(first, "sync_raw_data"), xcom(first, "prepare_chatml")
     assert sync["n_objects"] == 2
@@ -51,7 +55,9 @@ def test_dag_syncs_prepares_and_is_idempotent(services, airflow_db, dagbag, sour
     assert count(schema.raw_manifests, schema.raw_manifests.c.run_id == first.run_id) == 1
     assert count(schema.snapshots, schema.snapshots.c.snapshot_id == prep["snapshot_id"]) == 1
     assert first.get_task_instance("data_or_params_changed").state == "success"
+    check_hpo_and_finetune(first)
 
+    conf["hpo.enabled"] = False  # the rest of this test is about the data path; skip the search to save time
     second = run_dag(dagbag, conf)
     prep2 = xcom(second, "prepare_chatml")
     assert prep2["snapshot_id"] == prep["snapshot_id"] and prep2["reused"] is True
@@ -68,9 +74,38 @@ def test_dag_syncs_prepares_and_is_idempotent(services, airflow_db, dagbag, sour
         third = run_dag(dagbag, conf)
         assert xcom(third, "prepare_chatml")["unchanged_since_release"] is True
         assert xcom(third, "data_or_params_changed") is False
+        assert third.get_task_instance("finetune").state == "skipped"
         # ... unless force_retrain is set.
         forced = run_dag(dagbag, {**conf, "force_retrain": True})
         assert xcom(forced, "data_or_params_changed") is True
     finally:
         with db.engine().begin() as conn:
             conn.execute(schema.releases.delete().where(schema.releases.c.run_id == f"release-{uid}"))
+
+
+def check_hpo_and_finetune(dagrun):
+    """3 mapped trials recorded in the Postgres optuna storage and in hpo_trials; the best one's params used."""
+    import optuna
+
+    from tasks import hpo
+
+    mapped = [ti for ti in dagrun.get_task_instances() if ti.task_id == "hpo_trial"]
+    assert sorted(ti.map_index for ti in mapped) == [0, 1, 2]
+    best = xcom(dagrun, "select_best")
+    study = optuna.load_study(study_name=best["study"], storage=hpo.storage())
+    assert len(study.trials) == 3
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    top = max(complete, key=lambda t: t.value)
+    assert best["best_trial"] == top.number and best["best_value"] == top.value
+    assert best["best_params"] == {hpo.SPACE[k]: v for k, v in top.params.items()}
+    with db.engine().connect() as conn:
+        rows = conn.execute(select(schema.hpo_trials).where(schema.hpo_trials.c.study_name == best["study"])).all()
+        run_row = conn.execute(select(schema.pipeline_runs.c.hpo)
+                               .where(schema.pipeline_runs.c.run_id == dagrun.run_id)).scalar()
+    assert sorted(r.trial_number for r in rows) == [0, 1, 2]
+    assert run_row["best_params"] == best["best_params"]
+    tuned = xcom(dagrun, "finetune")
+    assert tuned["best_params"] == best["best_params"]
+    cfg = s3.get_json(s3.join(tuned["adapter_uri"], "ecb_config.json"))
+    assert cfg["lora"]["r"] == best["best_params"]["lora.r"]
+    assert cfg["training"]["learning_rate"] == best["best_params"]["training.learning_rate"]

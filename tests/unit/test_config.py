@@ -23,6 +23,10 @@ def test_int_accepted_for_float_field():
     assert load_config(overrides=["data.test_fraction=0"]).data.test_fraction == 0.0
 
 
+def test_exponent_without_dot_is_a_float():
+    assert load_config(overrides=["training.learning_rate=3e-4"]).training.learning_rate == 3e-4
+
+
 @pytest.mark.parametrize("override, words", [
     ("data.max_rowz=3", ["unknown config field 'data.max_rowz'"]),
     ("data.max_rows=abc", ["data.max_rows", "expected int"]),
