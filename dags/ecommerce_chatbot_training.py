@@ -7,11 +7,14 @@
 3. `data_or_params_changed` stops the run early when the snapshot and training config equal the released model's.
 4. `plan_hpo` -> `hpo_trial` (one mapped task per Optuna trial, `gpu` pool) -> `select_best` -> `finetune`
    (LoRA / QLoRA, resumable from S3 checkpoints).
+5. `evaluate` scores the candidate and the registry's champion on the same test split; `quality_gate` (read its
+   log for why a model was or was not released) branches to `register_model` -> `push_to_hub`, or `skip_release`.
 
 Every step is `python -m tasks <step>` run by one step mechanism (`ecb_airflow.steps`); XCom carries only the
 small JSON manifests the steps print.
 
-**Trigger with config** to override a run: `force_retrain` trains even when nothing changed; `hpo.enabled` and
+**Trigger with config** to override a run: `force_retrain` trains even when nothing changed; `force_deploy`
+releases whatever the gate says; `gate.min_improvement_threshold` sets the bar; `hpo.enabled` and
 `hpo.n_trials` steer the search; the other fields are the platform config (`ecb config` lists all of them).
 """
 
@@ -21,6 +24,7 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import dag, task
 
+from ecb_airflow.gate import QualityGateOperator
 from ecb_airflow.params import dag_params
 from ecb_airflow.steps import from_step, mapped_step, step
 from tasks.config import load_config
@@ -86,7 +90,28 @@ def ecommerce_chatbot_training():
                 timeout=timeout)
     tune = step("finetune", gpu=True, timeout=timeout,
                 inputs={**snapshot, "best_params": from_step("select_best", "best_params_json")})
-    sync >> prep >> changed >> plan >> trials >> best >> tune
+    tuned = {"adapter_uri": from_step("finetune", "adapter_uri"),
+             "mlflow_run_id": from_step("finetune", "mlflow_run_id")}
+    evaluate = step("evaluate", gpu=True, timeout=timeout, inputs={**snapshot, **tuned})
+    gate = QualityGateOperator(task_id="quality_gate",
+                               inputs={"evaluation": "{{ ti.xcom_pull(task_ids='evaluate') | tojson }}"})
+    register = step("register_model", timeout=timeout, inputs={
+        **tuned, "snapshot_id": from_step("prepare_chatml", "snapshot_id"),
+        "decision_id": "{{ ti.xcom_pull(task_ids='quality_gate', key='decision')['decision_id'] }}"})
+    push = step("push_to_hub", timeout=timeout, inputs={"adapter_uri": from_step("finetune", "adapter_uri"),
+                                                         "registry_version": from_step("register_model", "version")})
+
+    @task
+    def skip_release(ti=None) -> None:
+        """The gate kept the champion; say so where people look first."""
+        import logging
+
+        decision = ti.xcom_pull(task_ids="quality_gate", key="decision")
+        logging.getLogger("airflow.task").info("No release: %s", decision["summary"])
+
+    sync >> prep >> changed >> plan >> trials >> best >> tune >> evaluate >> gate
+    gate >> register >> push
+    gate >> skip_release()
 
 
 ecommerce_chatbot_training()

@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 
 from tasks import stack
-from tasks.config import Config, iter_fields
+from tasks.config import Config, iter_fields, load_config
 
 DAG_ID = "ecommerce_chatbot_training"
 
@@ -76,15 +77,33 @@ def trigger_and_wait(s: dict, conf: dict, timeout: float) -> dict:
 
 
 def upload_demo_data(s: dict, rows: int, seed: int) -> dict:
-    from tasks import datagen
+    from tasks import datagen, s3
 
     os.environ.update(stack.stack_env(s))
     data = datagen.to_csv_bytes(datagen.generate_rows(rows, seed))
-    from tasks import s3
-
-    uri = s3.join(Config().data.source, "demo_support_conversations.csv")
+    uri = s3.join(load_config().data.source, "demo_support_conversations.csv")
     s3.put_bytes(uri, data, "text/csv")  # same seed -> same bytes -> same ETag -> sync copies nothing new
     return {"uri": uri, "rows": rows, "bytes": len(data)}
+
+
+def run_step(s: dict, step: str, run_id: str, *args: str) -> dict:
+    """Run a step command the way Airflow does (same environment), streaming its log; returns its manifest."""
+    r = subprocess.run([sys.executable, "-m", "tasks", step, "--run-id", run_id, *args], env=stack.process_env(s),
+                       cwd=stack.REPO, stdout=subprocess.PIPE, text=True)
+    if r.returncode:
+        raise stack.StackError(f"step {step} failed (exit {r.returncode}); its log is above")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def build_demo_base_model(s: dict) -> dict:
+    """The demo's base model: a small Llama-architecture chat model trained on the demo corpus (built once)."""
+    dest = load_config().model.base_model
+    if not dest.startswith("s3://"):
+        return {"base_model_uri": dest, "reused": True}
+    sync = run_step(s, "sync_raw_data", "demo-base-model")
+    prep = run_step(s, "prepare_chatml", "demo-base-model", "--input", f"raw_manifest={sync['manifest_uri']}")
+    return run_step(s, "build_demo_model", "demo-base-model", "--input", f"snapshot_uri={prep['snapshot_uri']}",
+                    "--input", f"dest={dest}")
 
 
 def cmd_demo(args) -> int:
@@ -93,6 +112,8 @@ def cmd_demo(args) -> int:
     s = stack.load_settings()
     up = upload_demo_data(s, args.rows, args.seed)
     print(f"demo data: {up['rows']} rows ({up['bytes']} bytes) at {up['uri']}", flush=True)
+    base = build_demo_base_model(s)
+    print(f"demo base model: {base['base_model_uri']} ({'reused' if base.get('reused') else 'built'})", flush=True)
     urls = stack.up()
     print("stack up:", ", ".join(f"{k}={v}" for k, v in urls.items()), flush=True)
     wait_for_dag(s)

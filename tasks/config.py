@@ -146,6 +146,26 @@ class EvalConfig:
 
 
 @dataclass
+class GateConfig:
+    min_improvement_threshold: float = opt(0.001, "Release only when the candidate's weighted score beats the "
+                                                  "champion's by more than this.", minimum=0.0, param=True)
+    require_significance: bool = opt(False, "Also require the bootstrap 95% CI of the score delta to be above 0.")
+    max_intent_regression: float = opt(0.05, "Block a release that lowers any intent's weighted score by more.",
+                                       minimum=0.0)
+    min_intent_examples: int = opt(5, "Intents with fewer test examples are not checked for regression.", minimum=1)
+    min_eval_examples: int = opt(20, "Fail closed when the evaluation has fewer examples.", minimum=1)
+    bootstrap_resamples: int = opt(1000, "Paired bootstrap resamples for the delta's confidence interval.",
+                                   minimum=100)
+
+
+@dataclass
+class ReleaseConfig:
+    registered_model: str = opt("ecommerce-chatbot", "MLflow registered model name.")
+    hub_repo_id: str = opt("ecb/ecommerce-support-chatbot", "Hugging Face Hub repository for releases.")
+    hub_private: bool = opt(True, "Create the Hub repository as private.")
+
+
+@dataclass
 class PipelineConfig:
     schedule: str = opt("@daily", "Cron or preset for nightly retraining (read when the DAG file is parsed).")
     retries: int = opt(2, "Airflow retries per task; a retry resumes from what the step already wrote.",
@@ -163,6 +183,8 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     hpo: HpoConfig = field(default_factory=HpoConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    release: ReleaseConfig = field(default_factory=ReleaseConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def to_dict(self) -> dict:

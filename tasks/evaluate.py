@@ -1,9 +1,12 @@
-"""Score a model (base, or base + LoRA adapter) on a snapshot split with batched greedy generation.
+"""Score the candidate and the current champion on the same test split, with batched greedy generation.
 
-    python -m tasks evaluate --run-id R --input snapshot_uri=s3://.../snapshots/<id> [--input adapter_uri=s3://...]
+    python -m tasks evaluate --run-id R --input snapshot_uri=s3://.../snapshots/<id> --input adapter_uri=s3://...
 
 The prompt is built by the tokenizer's chat template; decoding is greedy, so the same model and split always give
 the same outputs and scores. The adapter is merged into the base weights before generation (faster, identical).
+An evaluation is stored per (model, snapshot): the champion's stored evaluation is reused when it was made on this
+snapshot, otherwise the champion is evaluated now. Rows go to Postgres `evaluations`, outputs to S3, metrics and a
+sample table to MLflow.
 """
 
 from __future__ import annotations
@@ -26,20 +29,26 @@ def download_dir(uri: str, dest: Path) -> Path:
     return dest
 
 
-def load_for_inference(cfg, adapter_uri: str | None = None):
-    """(tokenizer, model) on the best device; with an adapter, merged into the base for fast decoding."""
+def load_local(cfg, adapter_dir: str | None = None):
+    """(tokenizer, model) on the best device; with an adapter folder, merged into the base for fast decoding."""
     from tasks import finetune, generation
     from tasks.training import device_and_dtype
 
     device, dtype = device_and_dtype(cfg.training)
     tokenizer, model = finetune.load_base(cfg, device, dtype)
-    if adapter_uri:
+    if adapter_dir:
         from peft import PeftModel
 
-        with tempfile.TemporaryDirectory() as tmp:
-            model = PeftModel.from_pretrained(model, str(download_dir(adapter_uri, Path(tmp))))
+        model = PeftModel.from_pretrained(model, adapter_dir)
     model.config.use_cache = True
     return tokenizer, generation.merge_for_inference(model)
+
+
+def load_for_inference(cfg, adapter_uri: str | None = None):
+    if not adapter_uri:
+        return load_local(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_local(cfg, str(download_dir(adapter_uri, Path(tmp))))
 
 
 def score(model, tokenizer, records: list[dict], ecfg) -> dict:
@@ -63,15 +72,97 @@ def score(model, tokenizer, records: list[dict], ecfg) -> dict:
                         for r, ref, hyp, i in zip(records, refs, hyps, intents, strict=True)]}
 
 
-def run(ctx: StepContext) -> dict:
+def stored(model_refs: list[str], snapshot_id: str) -> dict | None:
+    """A stored evaluation of the model under any of its names on this snapshot's test split."""
+    from sqlalchemy import select
+
+    from tasks import db, schema
+
+    e = schema.evaluations
+    with db.engine().connect() as conn:
+        row = conn.execute(select(e).where(e.c.model_ref.in_(model_refs), e.c.snapshot_id == snapshot_id,
+                                           e.c.split == "test").order_by(e.c.id)).mappings().first()
+    return dict(row) if row and row["outputs_uri"] and s3.head(row["outputs_uri"]) else None
+
+
+def evaluate_model(ctx: StepContext, model_ref: str, snapshot_uri: str, adapter_uri: str | None, base_model: str,
+                   mlflow_run: str | None = None, aliases: tuple[str, ...] = ()) -> dict:
+    """Evaluate one model on the snapshot's test split (or reuse its stored evaluation, also one stored under
+    another name of the same model, e.g. as the candidate of the run that released it); returns the DB row."""
+    import json as _json
+
+    from tasks import db, schema, tracking
+    from tasks.config import load_config
     from tasks.finetune import read_split
 
+    snapshot_id = snapshot_uri.rstrip("/").rsplit("/", 1)[-1]
+    if row := stored([model_ref, *aliases], snapshot_id):
+        log.info("%s: reusing its stored evaluation on snapshot %s (run %s, weighted %.4f)", model_ref, snapshot_id,
+                 row["run_id"], row["weighted_score"])
+        return row
+    cfg = load_config(None, [*ctx.overrides, f"model.base_model={_json.dumps(base_model)}"])
+    tokenizer, model = load_for_inference(cfg, adapter_uri)
+    result = score(model, tokenizer, read_split(snapshot_uri, "test"), cfg.eval)
+    s_ = result["scores"]
+    log.info("%s: %d examples in %.1fs (%.2f examples/s): BLEU-1 %.4f BLEU-2 %.4f BLEU-3 %.4f BLEU-4 %.4f "
+             "ROUGE-L P %.4f -> weighted %.4f", model_ref, result["n"], result["seconds"], result["examples_per_s"],
+             s_["bleu1"], s_["bleu2"], s_["bleu3"], s_["bleu4"], s_["rougeL_precision"], result["weighted_score"])
+    out_uri = s3.join(f"s3://{cfg.storage.bucket}", "evaluations", s3.safe_key(model_ref), snapshot_id,
+                      "outputs.jsonl")
+    s3.put_bytes(out_uri, "\n".join(_json.dumps(o, ensure_ascii=False) for o in result["outputs"]).encode())
+    row = {"run_id": ctx.run_id, "model_ref": model_ref, "snapshot_id": snapshot_id, "split": "test",
+           "n_examples": result["n"], "metrics": {**s_, "examples_per_s": result["examples_per_s"]},
+           "per_intent": result["per_intent"], "weighted_score": result["weighted_score"], "outputs_uri": out_uri}
+    with db.engine().begin() as conn:
+        db.upsert(conn, schema.evaluations, row, keys=("model_ref", "snapshot_id", "split"))
+    tracking.log_metrics(mlflow_run, [(f"test_{k}", v, 0) for k, v in s_.items() if k != "n"]
+                         + [("test_weighted_score", result["weighted_score"], 0)])
+    log_samples(mlflow_run, result["outputs"][:20])
+    return stored([model_ref], snapshot_id)
+
+
+def log_samples(mlflow_run: str | None, outputs: list[dict]) -> None:
+    """A sample table (prompt, reference, output) for people, as a Markdown artifact of the MLflow run."""
+    if mlflow_run is None:
+        return
+    from mlflow.tracking import MlflowClient
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", "<br>")[:400]
+
+    lines = ["| intent | prompt | reference | output |", "|---|---|---|---|"]
+    lines += [f"| {o['intent']} | {cell(o['prompt'])} | {cell(o['reference'])} | {cell(o['output'])} |"
+              for o in outputs]
+    MlflowClient().log_text(mlflow_run, "\n".join(lines), "evaluation/samples.md")
+
+
+def summary(row: dict | None) -> dict | None:
+    if row is None:
+        return None
+    return {"eval_id": row["id"], "model_ref": row["model_ref"], "weighted_score": row["weighted_score"],
+            "n": row["n_examples"], "snapshot_id": row["snapshot_id"]}
+
+
+def run(ctx: StepContext) -> dict:
+    from tasks import registry
+
     cfg = ctx.config
-    records = read_split(ctx.require_input("snapshot_uri"), ctx.inputs.get("split", "test"))
-    tokenizer, model = load_for_inference(cfg, ctx.inputs.get("adapter_uri"))
-    result = score(model, tokenizer, records, cfg.eval)
-    s = result["scores"]
-    log.info("scored %d examples in %.1fs (%.2f examples/s): BLEU-1 %.4f BLEU-2 %.4f BLEU-3 %.4f BLEU-4 %.4f "
-             "ROUGE-L P %.4f -> weighted %.4f", result["n"], result["seconds"], result["examples_per_s"],
-             s["bleu1"], s["bleu2"], s["bleu3"], s["bleu4"], s["rougeL_precision"], result["weighted_score"])
-    return {k: result[k] for k in ("scores", "weighted_score", "n", "examples_per_s")}
+    snapshot_uri, adapter_uri = ctx.require_input("snapshot_uri"), ctx.require_input("adapter_uri")
+    candidate = evaluate_model(ctx, f"run:{ctx.run_id}", snapshot_uri, adapter_uri, cfg.model.base_model,
+                               ctx.inputs.get("mlflow_run_id"))
+    champ, registry_error = None, None
+    try:
+        info = registry.champion(cfg.release.registered_model)
+    except registry.RegistryUnavailable as exc:
+        info, registry_error = None, str(exc)
+        log.error("model registry unreachable (%s): the gate will not release", exc)
+    if info:
+        log.info("champion: %s version %s (run %s, snapshot %s)", cfg.release.registered_model, info["version"],
+                 info["run_id"], info["snapshot_id"])
+        champ = evaluate_model(ctx, f"registry:{cfg.release.registered_model}/{info['version']}", snapshot_uri,
+                               info["adapter_uri"], info["base_model"] or cfg.model.base_model,
+                               aliases=(f"run:{info['run_id']}",))
+    elif not registry_error:
+        log.info("no champion in the registry yet: this candidate would be the first release")
+    return {"candidate": summary(candidate), "champion": summary(champ), "registry_error": registry_error,
+            "champion_version": info and info["version"]}

@@ -29,6 +29,9 @@ STEPS = {
     "select_best": "tasks.hpo:select_best",
     "finetune": "tasks.finetune",
     "evaluate": "tasks.evaluate",
+    "quality_gate": "tasks.quality_gate",
+    "register_model": "tasks.registry",
+    "push_to_hub": "tasks.push_to_hub",
 }
 
 K8S_XCOM_PATH = Path("/airflow/xcom/return.json")

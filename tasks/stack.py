@@ -161,6 +161,7 @@ def init_settings(airflow_port: int | None = None) -> dict:
         # (ECB_STACK_MANAGED=1) and must not mistake those for external services.
         s["external_pg"] = os.environ.get("ECB_POSTGRES_URL") or None
         s["external_s3"] = "aws" if os.environ.get("ECB_USE_AWS") == "1" else os.environ.get("ECB_S3_ENDPOINT_URL")
+        s["config"] = os.environ.get("ECB_CONFIG") or None
     s.setdefault("pg_port", free_port())
     s.setdefault("pg_password", secrets.token_urlsafe(18))
     for key in ("s3_port", "master_port", "volume_port", "filer_port"):
@@ -235,6 +236,9 @@ def stack_env(s: dict) -> dict:
         "AIRFLOW_CONN_ECB_RESULTS": json.dumps(results_conn),
         "AIRFLOW_CONN_MLFLOW_DEFAULT": json.dumps({"conn_type": "http", "host": mlflow_uri}),
         "ECB_CHAT_ADMIN_TOKEN": s["chat_admin_token"],
+        "ECB_MODEL_CACHE": str(state_dir() / "model-cache"),
+        # The local stack runs the demo settings unless the person chose a config file.
+        "ECB_CONFIG": s.get("config") or str(REPO / "include" / "config" / "demo.yaml"),
     }
     return env
 

@@ -35,11 +35,12 @@ def test_every_dag_has_tags_and_retries(dagbag):
 
 
 def test_trigger_form_comes_from_config(dagbag):
-    from tasks.config import Config
+    from tasks.config import load_config
 
     params = dagbag.dags["ecommerce_chatbot_training"].params
     assert params["force_retrain"] is False
-    assert params["data.source"] == Config().data.source
+    assert params["data.source"] == load_config().data.source
+    assert params["hpo.n_trials"] == load_config().hpo.n_trials and params["hpo.enabled"] is True
     assert "data.max_rows" in params
     assert params.get_param("data.max_rows").schema["type"] == "integer"
     assert params.get_param("data.source").description  # help text reaches the form
@@ -49,6 +50,10 @@ def test_pipeline_shape(dagbag):
     dag = dagbag.dags["ecommerce_chatbot_training"]
     assert dag.get_task("prepare_chatml").upstream_task_ids == {"sync_raw_data"}
     assert dag.get_task("data_or_params_changed").upstream_task_ids == {"prepare_chatml"}
+    assert dag.get_task("plan_hpo").upstream_task_ids == {"data_or_params_changed"}
+    assert dag.get_task("hpo_trial").pool == "gpu" and dag.get_task("finetune").pool == "gpu"
+    assert dag.get_task("select_best").trigger_rule == "all_done"  # failed/pruned trials must not block it
+    assert dag.get_task("finetune").upstream_task_ids == {"select_best"}
 
 
 def test_parsing_dags_imports_no_ml_libraries():

@@ -12,6 +12,8 @@ JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", l
 RUN_PARAMS = {
     "force_retrain": Param(False, type="boolean", title="Force retrain",
                            description="Train even when the data and parameters equal those of the released model."),
+    "force_deploy": Param(False, type="boolean", title="Force deploy",
+                          description="Release the candidate whatever the quality gate says (logged loudly)."),
 }
 
 

@@ -20,7 +20,10 @@ from airflow.sdk import BaseOperator, Context
 from tasks.config import iter_fields, load_config
 
 # Airflow connection id -> how it becomes step environment (None when the connection is not defined).
-CONNECTIONS = ("aws_default", "ecb_results", "mlflow_default")
+CONNECTIONS = ("aws_default", "ecb_results", "mlflow_default", "huggingface_default")
+
+
+CONFIG_FIELDS = tuple(name for name, _, _ in iter_fields())
 
 
 def from_step(task_id: str, key: str) -> str:
@@ -57,6 +60,10 @@ def _conn_env() -> dict[str, str]:
             env["ECB_RESULTS_DB_URL"] = conn.get_uri().replace("postgres://", "postgresql://", 1)
         elif conn_id == "mlflow_default":
             env["MLFLOW_TRACKING_URI"] = conn.host if "://" in (conn.host or "") else conn.get_uri()
+        elif conn_id == "huggingface_default":  # token in the password; optional endpoint in extra
+            env["HF_TOKEN"] = conn.password or ""
+            if extra.get("endpoint"):
+                env["HF_ENDPOINT"] = extra["endpoint"]
     return {k: v for k, v in env.items() if v is not None}
 
 
@@ -80,6 +87,48 @@ def parse_manifest(lines: list[str]) -> dict:
     raise ValueError("the step printed no JSON manifest")
 
 
+def build_command(step_name: str, run_id: str, params: dict, inputs: dict, overrides: dict | None = None) -> list[str]:
+    """argv of the step command: config params of the run as --set, upstream values as --input."""
+    argv = [sys.executable, "-m", "tasks", step_name, "--run-id", run_id]
+    # Form fields and any other config field given in the run's conf JSON ("section.field": value).
+    for name in CONFIG_FIELDS:
+        if name in params:
+            argv += ["--set", f"{name}={json.dumps(params[name])}"]
+    for name, value in (overrides or {}).items():
+        argv += ["--set", f"{name}={json.dumps(value)}"]
+    for key, value in inputs.items():
+        argv += ["--input", f"{key}={value}"]
+    return argv
+
+
+def run_command(argv: list[str], log, timeout: timedelta | None, extra_env: dict | None = None) -> dict:
+    """Run a step command, stream its output into the task log, return its manifest; raise on failure."""
+    step_name = argv[3]
+    log.info("Running step %s: %s", step_name, " ".join(argv[1:]))
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**step_env(), **(extra_env or {})}, bufsize=1, errors="replace")
+    lines: list[str] = []
+    timer = threading.Timer(timeout.total_seconds() if timeout else 1e9, proc.kill)
+    timer.start()
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            log.info("%s", line.rstrip("\n"))
+        rc = proc.wait()
+    finally:
+        timer.cancel()
+        if proc.poll() is None:  # the task itself was killed: do not leave the step running
+            proc.kill()
+    if rc != 0:
+        raise RuntimeError(f"step {step_name} exited with code {rc} after {time.monotonic() - started:.1f}s; "
+                           f"see the lines above for the reason")
+    manifest = parse_manifest(lines[-20:])
+    log.info("Step %s finished in %.1fs; manifest: %s", step_name, time.monotonic() - started,
+             json.dumps(manifest, sort_keys=True))
+    return manifest
+
+
 class LocalStepOperator(BaseOperator):
     """Run a step command as a subprocess of the worker, streaming its output into the task log."""
 
@@ -93,41 +142,11 @@ class LocalStepOperator(BaseOperator):
         self.overrides = overrides or {}
 
     def command(self, run_id: str, params: dict) -> list[str]:
-        argv = [sys.executable, "-m", "tasks", self.step, "--run-id", run_id]
-        for name in config_params():
-            if name in params:
-                argv += ["--set", f"{name}={json.dumps(params[name])}"]
-        for name, value in self.overrides.items():
-            argv += ["--set", f"{name}={json.dumps(value)}"]
-        for key, value in self.inputs.items():
-            argv += ["--input", f"{key}={value}"]
-        return argv
+        return build_command(self.step, run_id, params, self.inputs, self.overrides)
 
     def execute(self, context: Context) -> dict:
-        argv = self.command(context["run_id"], dict(context["params"]))
-        self.log.info("Running step %s: %s", self.step, " ".join(argv[1:]))
-        started = time.monotonic()
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=step_env(),
-                                bufsize=1, errors="replace")
-        lines: list[str] = []
-        timer = threading.Timer(self.execution_timeout.total_seconds() if self.execution_timeout else 1e9, proc.kill)
-        timer.start()
-        try:
-            for line in proc.stdout:
-                lines.append(line)
-                self.log.info("%s", line.rstrip("\n"))
-            rc = proc.wait()
-        finally:
-            timer.cancel()
-            if proc.poll() is None:  # the task itself was killed: do not leave the step running
-                proc.kill()
-        if rc != 0:
-            raise RuntimeError(f"step {self.step} exited with code {rc} after {time.monotonic() - started:.1f}s; "
-                               f"see the lines above for the reason")
-        manifest = parse_manifest(lines[-20:])
-        self.log.info("Step %s finished in %.1fs; manifest: %s", self.step, time.monotonic() - started,
-                      json.dumps(manifest, sort_keys=True))
-        return manifest
+        return run_command(self.command(context["run_id"], dict(context["params"])), self.log,
+                           self.execution_timeout)
 
 
 def step(step_name: str, *, task_id: str | None = None, inputs: dict | None = None, gpu: bool = False,

@@ -61,23 +61,24 @@ def test_dag_syncs_prepares_and_is_idempotent(services, airflow_db, mlflow_serve
     second = run_dag(dagbag, conf)
     prep2 = xcom(second, "prepare_chatml")
     assert prep2["snapshot_id"] == prep["snapshot_id"] and prep2["reused"] is True
+    assert prep2["config_hash"] != prep["config_hash"]  # hpo.enabled changed: a different training config
     assert xcom(second, "sync_raw_data")["n_copied"] == 0
     assert count(schema.snapshots, schema.snapshots.c.snapshot_id == prep["snapshot_id"]) == 1
     assert count(schema.raw_manifests, schema.raw_manifests.c.run_id.in_([first.run_id, second.run_id])) == 2
 
-    # Pretend the first run's model was released: the same data and params must now stop the nightly run early ...
+    # Pretend the second run's model was released: the same data and params must now stop the nightly run early ...
     with db.engine().begin() as conn:
         conn.execute(insert(schema.releases).values(run_id=f"release-{uid}", snapshot_id=prep["snapshot_id"],
-                                                    config_hash=prep["config_hash"], registry_version="1",
+                                                    config_hash=prep2["config_hash"], registry_version="1",
                                                     status="deployed"))
     try:
         third = run_dag(dagbag, conf)
         assert xcom(third, "prepare_chatml")["unchanged_since_release"] is True
-        assert xcom(third, "data_or_params_changed") is False
+        assert third.get_task_instance("plan_hpo").state == "skipped"
         assert third.get_task_instance("finetune").state == "skipped"
         # ... unless force_retrain is set.
         forced = run_dag(dagbag, {**conf, "force_retrain": True})
-        assert xcom(forced, "data_or_params_changed") is True
+        assert forced.get_task_instance("finetune").state == "success"
     finally:
         with db.engine().begin() as conn:
             conn.execute(schema.releases.delete().where(schema.releases.c.run_id == f"release-{uid}"))

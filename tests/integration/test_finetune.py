@@ -111,3 +111,44 @@ def test_killed_finetune_resumes_from_its_checkpoint(mlflow_server, snapshot, ti
     assert resumed >= killed_at
     m = json.loads(r.stdout.splitlines()[-1])
     assert m["metrics"]["resumed_from_step"] == resumed and m["metrics"]["steps"] == 300
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--set", "lora.quantization=nf4"], ["lora.quantization=nf4", "CUDA"]),
+    (["--set", "training.batch_size=4096"], ["fewer than one batch", "training.batch_size=4096"]),
+])
+def test_bad_settings_fail_with_the_field_named(services, snapshot, tiny_base_model, uid, args, words):
+    r = run_step("finetune", f"bad-{uid}", *finetune_args(snapshot, tiny_base_model, 2, *args), check=False)
+    assert r.returncode == 2 and r.stdout == ""
+    for w in words:
+        assert w in r.stderr
+
+
+def test_missing_snapshot_fails_naming_it(services, tiny_base_model, uid):
+    missing = f"s3://ecb-platform/snapshots/does-not-exist-{uid}"
+    r = run_step("finetune", f"nosnap-{uid}", *finetune_args(missing, tiny_base_model, 2), check=False)
+    assert r.returncode == 2 and f"does-not-exist-{uid}/train.jsonl does not exist" in r.stderr
+
+
+def test_crashing_trial_is_recorded_as_fail_and_does_not_fail_the_task(mlflow_server, snapshot, uid):
+    """A trial whose base model cannot load crashes; the study records FAIL with the error, the step exits 0,
+    and select_best then refuses to choose from zero complete trials."""
+    import optuna
+
+    from tasks import hpo
+
+    run_id, broken = f"crash-{uid}", f"/nonexistent/model-{uid}"
+    plan = step_manifest("plan_hpo", run_id)
+    out = step_manifest("hpo_trial", run_id, "--set", f"model.base_model={broken}", "--input",
+                        f"study={plan['study']}", "--input", "slot=0", "--input", f"snapshot_uri={snapshot}")
+    assert out["state"] == "FAIL" and broken in out["error"]
+    study = optuna.load_study(study_name=plan["study"], storage=hpo.storage())
+    assert [t.state.name for t in study.trials] == ["FAIL"]
+    with db.engine().connect() as conn:
+        row = conn.execute(select(schema.hpo_trials).where(schema.hpo_trials.c.study_name == plan["study"])).one()
+    assert row.state == "FAIL" and broken in row.error
+    again = step_manifest("hpo_trial", run_id, "--set", f"model.base_model={broken}", "--input",
+                          f"study={plan['study']}", "--input", "slot=0", "--input", f"snapshot_uri={snapshot}")
+    assert again["trial"] == out["trial"]  # a retry of the same slot does not ask for a second trial
+    r = run_step("select_best", run_id, "--input", f"study={plan['study']}", check=False)
+    assert r.returncode == 2 and "no complete trial" in r.stderr and broken in r.stderr

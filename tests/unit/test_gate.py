@@ -1,0 +1,302 @@
+"""Quality gate: the rules table-driven, the bootstrap on real strings, the rendered table and the settings."""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks import metrics
+from tasks.config import EvalConfig
+from tasks.gate import Decision, Evaluation, GateSettings, decide, render_table
+
+WEIGHTS = EvalConfig().weights  # bleu1..4 + rougeL_precision, summing to 1.0
+REPO = Path(__file__).resolve().parents[2]
+
+
+def ev(score: float, *, n: int = 40, snapshot: str = "snap-1", ref: str = "runs/cand", per_intent=None,
+       **overrides) -> Evaluation:
+    """An evaluation whose every metric is ``score`` (so the weighted score is ``score``), with overrides."""
+    scores = {k: score for k in ("bleu1", "bleu2", "bleu3", "bleu4", "rougeL_precision", "rougeL_recall",
+                                 "rougeL_f1")}
+    weighted = overrides.pop("weighted_score", "auto")
+    scores.update(overrides)
+    if weighted == "auto":  # what the evaluation step would store (NaN when a metric is)
+        weighted = sum(w * (math.nan if scores[k] is None else scores[k]) for k, w in WEIGHTS.items())
+    return Evaluation(model_ref=ref, snapshot_id=snapshot, n=n, scores=scores, weighted_score=weighted,
+                      per_intent=per_intent or {})
+
+
+def champ(score: float, **kw) -> Evaluation:
+    return ev(score, ref="models:/ecb-chatbot/3", **kw)
+
+
+def intents(**scores: tuple[float, int]) -> dict:
+    return {name: {"n": n, "weighted_score": s} for name, (s, n) in scores.items()}
+
+
+# (id, candidate, champion, settings, registry_error, release, forced, substrings expected in the reasons)
+CASES = [
+    ("first-model", ev(0.40), None, {}, None, True, False, ["first model: no champion to beat"]),
+    ("improvement-above-threshold", ev(0.42), champ(0.40), {}, None, True, False,
+     ["improvement +0.0200 is above the threshold 0.0010"]),
+    ("improvement-below-threshold", ev(0.4004), champ(0.40), {}, None, False, False,
+     ["improvement +0.0004 is not above the threshold 0.0010"]),
+    ("improvement-equal-to-threshold", ev(0.401), champ(0.40), {}, None, False, False,
+     ["improvement +0.0010 is not above the threshold 0.0010"]),
+    ("worse-candidate", ev(0.38), champ(0.40), {}, None, False, False,
+     ["improvement -0.0200 is not above the threshold 0.0010"]),
+    ("force-deploy-worse-candidate", ev(0.38), champ(0.40), {"force_deploy": True}, None, True, True,
+     ["forced: force_deploy=True",
+      "would have NOT released it: improvement -0.0200 is not above the threshold 0.0010"]),
+    ("force-deploy-better-candidate", ev(0.42), champ(0.40), {"force_deploy": True}, None, True, True,
+     ["would have released it anyway"]),
+    ("nan-metric", ev(0.42, bleu3=math.nan), champ(0.40), {}, None, False, False,
+     ["candidate metric 'bleu3' is NaN"]),
+    ("missing-metric", ev(0.42, rougeL_precision=None), champ(0.40), {}, None, False, False,
+     ["candidate metric 'rougeL_precision' is None"]),
+    ("nan-weighted-score", ev(0.42, weighted_score=math.nan), champ(0.40), {}, None, False, False,
+     ["candidate metric 'weighted_score' is NaN"]),
+    ("nan-metric-not-forceable", ev(0.42, bleu4=math.nan), champ(0.40), {"force_deploy": True}, None, False, False,
+     ["candidate metric 'bleu4' is NaN", "force_deploy=True cannot override this"]),
+    ("empty-eval", ev(0.42, n=0), champ(0.40, n=0), {}, None, False, False,
+     ["candidate evaluation is empty (0 examples)"]),
+    ("too-few-examples", ev(0.42, n=19), champ(0.40, n=19), {}, None, False, False,
+     ["evaluated on 19 examples, below the minimum of 20"]),
+    ("no-candidate", None, champ(0.40), {}, None, False, False, ["no candidate evaluation"]),
+    ("registry-unreachable", ev(0.42), champ(0.40), {}, "connection refused", False, False,
+     ["model registry unreachable: connection refused"]),
+    ("registry-unreachable-forced", ev(0.42), None, {"force_deploy": True}, "HTTP 503\nbad gateway", False, False,
+     ["model registry unreachable: HTTP 503 bad gateway", "cannot release into an unreachable registry"]),
+    ("champion-other-snapshot", ev(0.42), champ(0.40, snapshot="snap-0"), {}, None, False, False,
+     ["champion was evaluated on snapshot 'snap-0'", "re-evaluate the champion"]),
+    ("champion-other-example-count", ev(0.42), champ(0.40, n=30), {}, None, False, False,
+     ["champion was evaluated on 30 examples, the candidate on 40"]),
+    ("champion-nan-metric", ev(0.42), champ(0.40, bleu1=math.nan), {}, None, False, False,
+     ["champion metric 'bleu1' is NaN (fail closed)"]),
+    ("intent-regression",
+     ev(0.42, per_intent=intents(track_order=(0.30, 12), refund=(0.50, 10), tiny=(0.10, 3))),
+     champ(0.40, per_intent=intents(track_order=(0.40, 12), refund=(0.48, 10), tiny=(0.60, 3))),
+     {}, None, False, False,
+     ["per-intent regression beyond the allowed 0.0500: 'track_order' dropped by 0.1000 (0.4000 -> 0.3000, n=12)"]),
+    ("intent-regression-within-margin",
+     ev(0.42, per_intent=intents(track_order=(0.36, 12))), champ(0.40, per_intent=intents(track_order=(0.40, 12))),
+     {}, None, True, False, ["improvement +0.0200 is above"]),
+    ("all-blocking-reasons-at-once",
+     ev(0.4004, per_intent=intents(cancel=(0.20, 8))), champ(0.40, per_intent=intents(cancel=(0.40, 8))),
+     {"require_significance": True}, None, False, False,
+     ["improvement +0.0004 is not above", "significance is required but there is no confidence interval",
+      "'cancel' dropped by 0.2000"]),
+]
+
+
+@pytest.mark.parametrize(("candidate", "champion", "settings", "registry_error", "release", "forced", "expected"),
+                         [pytest.param(*c[1:], id=c[0]) for c in CASES])
+def test_gate_rules(candidate, champion, settings, registry_error, release, forced, expected):
+    d = decide(candidate, champion, WEIGHTS, GateSettings.from_mapping(settings), registry_error=registry_error)
+    assert isinstance(d, Decision)
+    assert d.release is release, d.reasons
+    assert d.forced is forced
+    text = " | ".join(d.reasons)
+    for piece in expected:
+        assert piece in text, f"{piece!r} not in {d.reasons}"
+    assert d.reasons
+    assert d.threshold == pytest.approx(0.001)
+    # The summary is one sentence with the verdict; with a comparison it carries the signed delta.
+    assert "\n" not in d.summary and d.summary.endswith(".")
+    assert d.summary.startswith("Force-released" if forced else "Released" if release else "Not released")
+    if d.delta is not None:
+        assert f"{d.delta:+.4f}" in d.summary
+    assert d.table.splitlines()[-1] == f"DECISION: {d.summary}"
+
+
+def test_forced_release_reports_what_the_gate_would_have_done():
+    d = decide(ev(0.38), champ(0.40), WEIGHTS, GateSettings(force_deploy=True))
+    assert (d.release, d.forced, d.would_release) == (True, True, False)
+    assert d.delta == pytest.approx(-0.02)
+    assert "-0.0200" in d.summary and "would have blocked it" in d.summary
+    assert d.reasons[0].startswith("forced: force_deploy=True released the candidate; without it the gate would "
+                                   "have NOT released it")
+
+
+def test_intent_regression_names_every_intent_and_skips_small_ones():
+    cand = ev(0.42, per_intent=intents(a=(0.30, 12), b=(0.30, 6), small=(0.0, 4)))
+    cham = champ(0.40, per_intent=intents(a=(0.40, 12), b=(0.50, 6), small=(0.9, 4)))
+    d = decide(cand, cham, WEIGHTS, GateSettings())
+    assert not d.release and d.checks["no_intent_regression"] is False
+    (reason,) = [r for r in d.reasons if r.startswith("per-intent regression")]
+    assert "'b' dropped by 0.2000" in reason and "'a' dropped by 0.1000" in reason
+    assert reason.index("'b'") < reason.index("'a'")  # largest drop first
+    assert "small" not in reason  # below min_intent_examples: not guarded
+    # ...but it still shows among the intents that moved most, sorted by |delta|.
+    assert [t[0] for t in d.intents_moved] == ["small", "b", "a"]
+    assert d.intents_moved[0][1:] == pytest.approx((0.0, 0.9, -0.9))
+
+
+def test_intents_moved_keeps_top_five():
+    names = [f"i{k}" for k in range(8)]
+    cand = ev(0.42, per_intent={x: {"n": 10, "weighted_score": 0.5 + k / 100} for k, x in enumerate(names)})
+    cham = champ(0.40, per_intent={x: {"n": 10, "weighted_score": 0.5} for x in names})
+    d = decide(cand, cham, WEIGHTS, GateSettings())
+    assert d.release
+    assert [t[0] for t in d.intents_moved] == ["i7", "i6", "i5", "i4", "i3"]
+
+
+def test_weighted_scores_are_recomputed_with_the_gate_weights():
+    # Stored weighted scores from other weights: the gate compares what the given weights say, and notes it.
+    cand = ev(0.42, weighted_score=0.10)
+    d = decide(cand, champ(0.40), WEIGHTS, GateSettings())
+    assert d.release and d.delta == pytest.approx(0.02)
+    assert any("stored weighted_score 0.1000 differs" in r for r in d.reasons)
+
+
+# ---------------------------------------------------------------------------------------------- bootstrap
+
+
+WORDS = ("please check your order status in the account page and contact support if the parcel has not arrived "
+         "within five business days we will refund the payment").split()
+
+
+def _bootstrap_pair(candidate_outputs, champion_outputs, refs):
+    def build(outputs, ref):
+        scores = metrics.corpus_scores(outputs, refs)
+        e = Evaluation(model_ref=ref, snapshot_id="snap-1", n=len(refs), scores=scores,
+                       weighted_score=metrics.weighted_score(scores, WEIGHTS), outputs=list(outputs),
+                       references=list(refs))
+        return e
+
+    return build(candidate_outputs, "runs/cand"), build(champion_outputs, "models:/ecb-chatbot/3")
+
+
+@pytest.fixture(scope="module")
+def noisy_pair():
+    """40 real examples: the candidate is far better on one long example and slightly worse on all others."""
+    refs = [" ".join(WORDS[(3 * i + k) % len(WORDS)] for k in range(12)) for i in range(40)]
+    refs[0] = " ".join(WORDS[(7 * k) % len(WORDS)] for k in range(60))
+    champion = [" ".join(r.split()[:10]) for r in refs]
+    candidate = [refs[0]] + [" ".join(r.split()[:9] + ["ok"]) for r in refs[1:]]
+    return _bootstrap_pair(candidate, champion, refs)
+
+
+def test_insignificant_improvement_blocks_only_when_significance_is_required(noisy_pair):
+    cand, cham = noisy_pair
+    loose = decide(cand, cham, WEIGHTS, GateSettings(bootstrap_resamples=200))
+    strict = decide(cand, cham, WEIGHTS, GateSettings(bootstrap_resamples=200, require_significance=True))
+    # The construction: a real improvement above the threshold whose 95% CI crosses 0.
+    assert loose.delta > loose.threshold
+    assert loose.ci_low <= 0 < loose.ci_high
+    assert loose.n_resamples == 200 and 0 < loose.p_value < 0.5
+    assert loose.release and loose.checks["significant"] is False
+    assert any("does not lie above 0 (significance not required)" in r for r in loose.reasons)
+    assert not strict.release
+    assert any(r.startswith("the improvement is not significant: 95% CI [") for r in strict.reasons)
+    # The same seed gives the same CI, and the summary shows it.
+    assert (strict.ci_low, strict.ci_high) == (loose.ci_low, loose.ci_high)
+    assert f"95% CI [{loose.ci_low:+.4f}, {loose.ci_high:+.4f}]" in loose.summary
+    assert f"delta 95% CI [{loose.ci_low:+.4f}, {loose.ci_high:+.4f}] (bootstrap, 200 resamples)" in loose.table
+    # The bootstrap's full-set delta equals the delta of the scores computed from the same outputs.
+    assert metrics.paired_bootstrap(cand.outputs, cham.outputs, cand.references, WEIGHTS, 10)["delta"] == \
+        pytest.approx(loose.delta)
+
+
+def test_significant_improvement_releases_with_require_significance():
+    refs = [" ".join(WORDS[(5 * i + k) % len(WORDS)] for k in range(10)) for i in range(30)]
+    cand, cham = _bootstrap_pair(refs, [" ".join(r.split()[:6]) for r in refs], refs)
+    d = decide(cand, cham, WEIGHTS, GateSettings(require_significance=True, bootstrap_resamples=100))
+    assert d.release and d.ci_low > 0 and d.checks["significant"] is True
+    assert any("lies above 0" in r for r in d.reasons)
+
+
+def test_unpaired_outputs_give_no_ci_and_block_only_under_require_significance(noisy_pair):
+    cand, cham = noisy_pair
+    cham = Evaluation(**{**cham.__dict__, "references": list(reversed(cham.references))})
+    d = decide(cand, cham, WEIGHTS, GateSettings(bootstrap_resamples=20))
+    assert d.release and d.ci_low is None
+    assert any("references differ" in r for r in d.reasons)
+    d = decide(cand, cham, WEIGHTS, GateSettings(bootstrap_resamples=20, require_significance=True))
+    assert not d.release and "delta 95% CI [n/a, n/a]" in d.table
+
+
+# --------------------------------------------------------------------------------------------------- table
+
+
+def test_table_has_every_metric_total_threshold_and_decision():
+    cand = ev(0.42, per_intent=intents(track_order=(0.45, 12)))
+    cham = champ(0.40, per_intent=intents(track_order=(0.40, 12)))
+    d = decide(cand, cham, WEIGHTS, GateSettings())
+    lines = d.table.splitlines()
+    header = [c.strip() for c in lines[0].split("|")]
+    assert header == ["metric", "weight", "candidate", "champion", "delta", "weighted contribution"]
+    for metric, w in WEIGHTS.items():
+        (row,) = [ln for ln in lines if ln.split("|")[0].strip() == metric]
+        cells = [c.strip() for c in row.split("|")]
+        assert cells == [metric, f"{w:.4f}", "0.4200", "0.4000", "+0.0200", f"{w * 0.02:+.4f}"]
+    (total,) = [ln for ln in lines if ln.startswith("TOTAL")]
+    assert [c.strip() for c in total.split("|")] == ["TOTAL", "1.0000", "0.4200", "0.4000", "+0.0200", "+0.0200"]
+    assert "threshold +0.0010" in lines
+    assert "delta 95% CI [n/a, n/a] (bootstrap not run)" in lines
+    i = lines.index("intents that moved most:")
+    assert re.fullmatch(r"\s+track_order\s+0\.4500\s+0\.4000\s+\+0\.0500", lines[i + 2])
+    assert lines[-1] == f"DECISION: {d.summary}"
+    assert len({len(ln) for ln in lines[:len(WEIGHTS) + 4] if "|" in ln}) == 1  # fixed width
+    assert render_table(cand, cham, WEIGHTS, d) == d.table
+
+
+def test_table_without_champion_and_with_missing_values():
+    d = decide(ev(0.40), None, WEIGHTS, GateSettings())
+    (row,) = [ln for ln in d.table.splitlines() if ln.startswith("bleu4")]
+    assert [c.strip() for c in row.split("|")] == ["bleu4", "0.4000", "0.4000", "n/a", "n/a", "0.1600"]
+    assert "TOTAL" in d.table and "threshold +0.0010" in d.table and "  (none)" in d.table
+    assert "0.4000 on 40 examples" in d.summary
+
+    d = decide(ev(0.42, bleu2=math.nan), champ(0.40), WEIGHTS, GateSettings())
+    (row,) = [ln for ln in d.table.splitlines() if ln.startswith("bleu2")]
+    assert [c.strip() for c in row.split("|")][2:] == ["n/a", "0.4000", "n/a", "n/a"]
+    (total,) = [ln for ln in d.table.splitlines() if ln.startswith("TOTAL")]
+    assert "n/a" in total
+    assert d.table.splitlines()[-1].startswith("DECISION: Not released runs/cand: candidate metric 'bleu2' is NaN")
+
+
+def test_decision_is_serialisable():
+    import json
+
+    d = decide(ev(0.42, per_intent=intents(x=(0.5, 9))), champ(0.40, per_intent=intents(x=(0.4, 9))), WEIGHTS)
+    data = json.loads(json.dumps(d.to_dict()))
+    assert data["release"] is True and data["intents_moved"][0][0] == "x"
+
+
+# ------------------------------------------------------------------------------------------------ settings
+
+
+def test_settings_defaults_and_from_mapping():
+    s = GateSettings()
+    assert (s.min_improvement_threshold, s.require_significance, s.max_intent_regression, s.min_intent_examples,
+            s.min_eval_examples, s.force_deploy, s.bootstrap_resamples, s.seed) == (0.001, False, 0.05, 5, 20,
+                                                                                   False, 1000, 0)
+    s = GateSettings.from_mapping({"min_improvement_threshold": 0, "force_deploy": True, "seed": 3})
+    assert s.min_improvement_threshold == 0.0 and isinstance(s.min_improvement_threshold, float)
+    assert s.force_deploy is True and s.seed == 3
+    assert GateSettings.from_mapping(None) == GateSettings()
+    assert GateSettings.from_mapping(s) == s
+
+
+@pytest.mark.parametrize(("mapping", "message"), [
+    ({"min_improvment_threshold": 0.01}, "unknown gate setting 'min_improvment_threshold'"),
+    ({"force_deploy": "yes"}, "gate setting 'force_deploy': expected bool"),
+    ({"min_eval_examples": 2.5}, "gate setting 'min_eval_examples': expected int"),
+    ({"bootstrap_resamples": 0}, "gate setting 'bootstrap_resamples': 0 is below the minimum 1"),
+    ({"max_intent_regression": math.nan}, "gate setting 'max_intent_regression': must be a finite number"),
+])
+def test_settings_reject_bad_values(mapping, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        GateSettings.from_mapping(mapping)
+
+
+def test_module_imports_no_heavy_packages():
+    code = ("import sys, tasks.gate; heavy = [m for m in ('numpy', 'torch', 'mlflow', 'airflow', 'sacrebleu') "
+            "if m in sys.modules]; assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
