@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: install demo test lint stack-up stack-down clean
+.PHONY: install demo test lint bench stack-up stack-down clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,9 @@ demo: install
 test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
+
+bench: install
+	$(PY) -m bench all
 
 lint: install
 	$(VENV)/bin/ruff check .
