@@ -106,7 +106,7 @@ def subset(records: list[dict], n: int, seed: int) -> list[dict]:
     return records if len(records) <= n else random.Random(seed).sample(records, n)
 
 
-def train_and_score(ctx: StepContext, trial, overrides: dict, parent_run: str | None) -> float:
+def train_and_score(ctx: StepContext, trial, overrides: dict, mlflow_run: str | None) -> float:
     """Brief training on a subset with the trial's parameters; returns the validation weighted score."""
     import optuna
 
@@ -144,7 +144,7 @@ def train_and_score(ctx: StepContext, trial, overrides: dict, parent_run: str | 
     refs = [r["messages"][-1]["content"] for r in val_records]
     scores = metrics.corpus_scores(hyps, refs)
     value = metrics.weighted_score(scores, cfg.eval.weights)
-    tracking.log_metrics(parent_run and trial.user_attrs.get("mlflow_run_id"),
+    tracking.log_metrics(mlflow_run,
                          [(k, v, state.step) for k, v in scores.items() if k != "n"]
                          + [("weighted_score", value, state.step), ("train_loss_last", state.losses[-1][1],
                                                                     state.step)])
@@ -170,14 +170,14 @@ def trial(ctx: StepContext) -> dict:
     tracking.log_params(child, {k: str(v) for k, v in overrides.items()})
     log.info("trial %d (slot %s) parameters: %s", t.number, slot, overrides)
     try:
-        value = train_and_score(ctx, t, overrides, parent)
+        value = train_and_score(ctx, t, overrides, child)
         study.tell(t, value)
         log.info("trial %d COMPLETE: validation weighted score %.4f", t.number, value)
     except optuna.TrialPruned as exc:
         study.tell(t, state=optuna.trial.TrialState.PRUNED)
         log.info("trial %d PRUNED: %s", t.number, exc)
     except Exception as exc:  # noqa: BLE001 - a crashed trial is recorded as FAIL, the DAG goes on
-        study._storage.set_trial_user_attr(t._trial_id, "error", f"{type(exc).__name__}: {exc}"[:2000])
+        t.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:2000])
         study.tell(t, state=optuna.trial.TrialState.FAIL)
         log.exception("trial %d FAILED", t.number)
     return record_trial(ctx, name, study.trials[t.number])
