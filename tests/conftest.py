@@ -47,7 +47,7 @@ def services():
     db.migrate()
     yield urls
     if not _keep():
-        stack.WEED.stop(timeout=40)
+        stack.WEED.stop(timeout=5)  # test data is disposable: do not wait SeaweedFS's ~20 s graceful exit
         stack.postgres_down()
 
 

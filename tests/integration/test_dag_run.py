@@ -41,7 +41,8 @@ def run_dag(dagbag, conf):
 
 def test_dag_syncs_prepares_and_is_idempotent(services, airflow_db, mlflow_server, dagbag, source, tiny_base_model,
                                               uid):
-    conf = {"data.source": str(source), "model.base_model": str(tiny_base_model)}
+    conf = {"data.source": str(source), "model.base_model": str(tiny_base_model),
+            "release.registered_model": f"dagrun-{uid}"}
     first = run_dag(dagbag, conf)
     sync, prep = xcom(first, "sync_raw_data"), xcom(first, "prepare_chatml")
     assert sync["n_objects"] == 2
@@ -57,7 +58,8 @@ def test_dag_syncs_prepares_and_is_idempotent(services, airflow_db, mlflow_serve
     assert first.get_task_instance("data_or_params_changed").state == "success"
     check_hpo_and_finetune(first)
 
-    conf["hpo.enabled"] = False  # the rest of this test is about the data path; skip the search to save time
+    # The rest of this test is about the data path: no search, a token training and evaluation to save time.
+    conf.update({"hpo.enabled": False, "training.max_steps": 2, "eval.max_examples": 4})
     second = run_dag(dagbag, conf)
     prep2 = xcom(second, "prepare_chatml")
     assert prep2["snapshot_id"] == prep["snapshot_id"] and prep2["reused"] is True
