@@ -79,7 +79,6 @@ def trigger_and_wait(s: dict, conf: dict, timeout: float) -> dict:
 def upload_demo_data(s: dict, rows: int, seed: int) -> dict:
     from tasks import datagen, s3
 
-    os.environ.update(stack.stack_env(s))
     data = datagen.to_csv_bytes(datagen.generate_rows(rows, seed))
     uri = s3.join(load_config().data.source, "demo_support_conversations.csv")
     s3.put_bytes(uri, data, "text/csv")  # same seed -> same bytes -> same ETag -> sync copies nothing new
@@ -110,6 +109,7 @@ def cmd_demo(args) -> int:
     # Data first, Airflow second: an unpaused nightly DAG may start a run as soon as the scheduler is up.
     stack.up(airflow=False)
     s = stack.load_settings()
+    os.environ.update(stack.stack_env(s))  # this process now talks to the stack and reads the demo config
     up = upload_demo_data(s, args.rows, args.seed)
     print(f"demo data: {up['rows']} rows ({up['bytes']} bytes) at {up['uri']}", flush=True)
     base = build_demo_base_model(s)

@@ -14,19 +14,11 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from pathlib import Path
 
 from tasks import s3
 from tasks.runner import StepContext
 
 log = logging.getLogger("tasks.evaluate")
-
-
-def download_dir(uri: str, dest: Path) -> Path:
-    for obj in s3.list_objects(uri.rstrip("/") + "/"):
-        name = obj["key"].rsplit("/", 1)[-1]
-        (dest / name).write_bytes(s3.get_bytes(f"s3://{s3.split_uri(uri)[0]}/{obj['key']}"))
-    return dest
 
 
 def load_local(cfg, adapter_dir: str | None = None):
@@ -48,7 +40,8 @@ def load_for_inference(cfg, adapter_uri: str | None = None):
     if not adapter_uri:
         return load_local(cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        return load_local(cfg, str(download_dir(adapter_uri, Path(tmp))))
+        s3.download_prefix(adapter_uri, tmp)
+        return load_local(cfg, tmp)
 
 
 def score(model, tokenizer, records: list[dict], ecfg) -> dict:

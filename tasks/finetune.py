@@ -150,8 +150,9 @@ def load_checkpoint(uri: str, model, opt, sched, config_hash: str) -> TrainState
 # --- outputs --------------------------------------------------------------------------------------------------
 
 
-def save_adapter(model, tokenizer, cfg, out_uri: str) -> list[str]:
-    """Adapter + tokenizer + resolved config, side by side, uploaded under out_uri; returns the file names."""
+def save_adapter(model, tokenizer, cfg, out_uri: str, mlflow_run: str | None) -> list[str]:
+    """Adapter + tokenizer + resolved config, side by side, uploaded under out_uri and logged as MLflow artifacts
+    from the same folder; returns the file names."""
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -159,6 +160,10 @@ def save_adapter(model, tokenizer, cfg, out_uri: str) -> list[str]:
         names = sorted(p.name for p in Path(tmp).iterdir() if p.is_file())
         for name in names:
             s3.put_bytes(s3.join(out_uri, name), (Path(tmp) / name).read_bytes())
+        if mlflow_run is not None:
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient().log_artifacts(mlflow_run, tmp, artifact_path="adapter")
     return names
 
 
@@ -246,8 +251,7 @@ def run(ctx: StepContext) -> dict:
                "train_loss_last": last, "tokens_per_s": tok_s,
                "peak_memory_mb": peak_memory_mb(device), "steps": state.step, "resumed_from_step": resumed_from}
     tracking.log_metrics(mlflow_run, pending + [(k, v, state.step) for k, v in metrics.items()])
-    files = save_adapter(model, tokenizer, cfg, out_uri)
-    log_artifacts(mlflow_run, out_uri, files)
+    files = save_adapter(model, tokenizer, cfg, out_uri, mlflow_run)
     log.info("fine-tune done: %d steps (resumed from %d), train loss %.4f -> %.4f, validation loss %.4f -> %.4f, "
              "%.0f tokens/s, peak memory %.0f MB; adapter at %s", state.step, resumed_from, first, last,
              state.val_loss_before or float("nan"), val_loss, tok_s,
@@ -258,14 +262,3 @@ def run(ctx: StepContext) -> dict:
            metrics=metrics)
     s3.put_json(s3.join(base, "done.json"), {"config_hash": config_hash, "manifest": manifest})
     return manifest
-
-
-def log_artifacts(mlflow_run: str | None, out_uri: str, files: list[str]) -> None:
-    if mlflow_run is None:
-        return
-    from mlflow.tracking import MlflowClient
-
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in files:
-            (Path(tmp) / name).write_bytes(s3.get_bytes(s3.join(out_uri, name)))
-        MlflowClient().log_artifacts(mlflow_run, tmp, artifact_path="adapter")

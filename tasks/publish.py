@@ -334,21 +334,11 @@ def download_adapter(adapter_uri: str, dest: Path) -> list[str]:
     """Copy every object under the adapter prefix into ``dest`` (keeping sub-folders); returns the names."""
     from tasks import s3
 
-    prefix_uri = adapter_uri.rstrip("/") + "/"
-    bucket, prefix = s3.split_uri(prefix_uri)
-    names = []
-    for obj in s3.list_objects(prefix_uri):
-        rel = obj["key"][len(prefix):]
-        if not rel or rel.endswith("/"):
-            continue
-        path = dest / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(s3.get_bytes(f"s3://{bucket}/{obj['key']}"))
-        names.append(rel)
+    names = s3.download_prefix(adapter_uri, dest)
     if not names:
         raise StepError(f"no adapter files under {adapter_uri} (is --input adapter_uri the finetune manifest's "
                         "adapter_uri?)")
-    return sorted(names)
+    return names
 
 
 def default_hyperparameters(cfg) -> dict:

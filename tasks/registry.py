@@ -81,9 +81,7 @@ def log_candidate(mlflow_run_id: str, adapter_uri: str, cfg) -> str:
     example = {"messages": [json.dumps([{"role": "user", "content": "Where is my order {{Order Number}}?"}])]}
     signature = infer_signature(example, ["Your order ships today."])
     with tempfile.TemporaryDirectory() as tmp:
-        for obj in s3.list_objects(adapter_uri.rstrip("/") + "/"):
-            (Path(tmp) / obj["key"].rsplit("/", 1)[-1]).write_bytes(
-                s3.get_bytes(f"s3://{s3.split_uri(adapter_uri)[0]}/{obj['key']}"))
+        s3.download_prefix(adapter_uri, tmp)
         with mlflow.start_run(run_id=mlflow_run_id):
             # Signature only: an input example would make MLflow load the model and run it just to validate.
             info = mlflow.pyfunc.log_model(name="chatbot", python_model=ChatbotModel(), artifacts={"adapter": tmp},

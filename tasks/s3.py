@@ -106,3 +106,21 @@ def copy(src_uri: str, dst_uri: str, metadata: dict | None = None) -> None:
     db, dk = split_uri(dst_uri)
     extra = {"Metadata": metadata, "MetadataDirective": "REPLACE"} if metadata is not None else {}
     client().copy_object(Bucket=db, Key=dk, CopySource={"Bucket": sb, "Key": sk}, **extra)
+
+
+def download_prefix(uri: str, dest) -> list[str]:
+    """Copy every object under an s3:// prefix into the folder dest (keeping sub-folders); returns the names."""
+    from pathlib import Path
+
+    prefix_uri = uri.rstrip("/") + "/"
+    bucket, prefix = split_uri(prefix_uri)
+    names = []
+    for obj in list_objects(prefix_uri):
+        rel = obj["key"][len(prefix):]
+        if not rel or rel.endswith("/"):
+            continue
+        path = Path(dest) / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(get_bytes(f"s3://{bucket}/{obj['key']}"))
+        names.append(rel)
+    return sorted(names)
