@@ -85,7 +85,6 @@ def evaluate_model(ctx: StepContext, model_ref: str, snapshot_uri: str, adapter_
     import json as _json
 
     from tasks import db, schema, tracking
-    from tasks.config import load_config
     from tasks.finetune import read_split
 
     snapshot_id = snapshot_uri.rstrip("/").rsplit("/", 1)[-1]
@@ -93,7 +92,7 @@ def evaluate_model(ctx: StepContext, model_ref: str, snapshot_uri: str, adapter_
         log.info("%s: reusing its stored evaluation on snapshot %s (run %s, weighted %.4f)", model_ref, snapshot_id,
                  row["run_id"], row["weighted_score"])
         return row
-    cfg = load_config(None, [*ctx.overrides, f"model.base_model={_json.dumps(base_model)}"])
+    cfg = ctx.config_with({"model.base_model": base_model})
     tokenizer, model = load_for_inference(cfg, adapter_uri)
     result = score(model, tokenizer, read_split(snapshot_uri, "test"), cfg.eval)
     s_ = result["scores"]

@@ -33,11 +33,9 @@ def read_split(snapshot_uri: str, split: str) -> list[dict]:
 
 def apply_best_params(ctx: StepContext) -> dict:
     """HPO's chosen values become config overrides of this run (recorded, never written to a file in git)."""
-    from tasks.config import load_config
-
     best = json.loads(ctx.inputs.get("best_params") or "{}")
     if best:
-        ctx.config = load_config(None, [*ctx.overrides, *(f"{k}={json.dumps(v)}" for k, v in best.items())])
+        ctx.config = ctx.config_with(best)
         log.info("using HPO's best parameters: %s", best)
     return best
 
@@ -196,9 +194,10 @@ def run(ctx: StepContext) -> dict:
     base = s3.join(f"s3://{cfg.storage.bucket}", cfg.storage.runs_prefix, s3.safe_key(ctx.run_id), "finetune")
     ckpt_uri, out_uri = s3.join(base, "checkpoint"), s3.join(base, "adapter")
     config_hash = cfg.section_hash("model", "lora", "training") + snapshot_id
-    if s3.head(s3.join(base, "done.json")) and s3.get_json(s3.join(base, "done.json"))["config_hash"] == config_hash:
+    done = s3.get_json(s3.join(base, "done.json")) if s3.head(s3.join(base, "done.json")) else None
+    if done and done["config_hash"] == config_hash:
         log.info("fine-tune of run %s already finished with these settings; returning its result", ctx.run_id)
-        return s3.get_json(s3.join(base, "done.json"))["manifest"]
+        return done["manifest"]
 
     from tasks.training import device_and_dtype
 

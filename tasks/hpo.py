@@ -111,10 +111,9 @@ def train_and_score(ctx: StepContext, trial, overrides: dict, mlflow_run: str | 
     import optuna
 
     from tasks import finetune, generation, metrics
-    from tasks.config import load_config
     from tasks.training import TrainState, device_and_dtype, encode_all, fit, make_optimizer, validation_loss
 
-    cfg = load_config(None, [*ctx.overrides, *(f"{k}={json.dumps(v)}" for k, v in overrides.items())])
+    cfg = ctx.config_with(overrides)
     hcfg = ctx.config.hpo
     cfg.training.max_steps = hcfg.trial_max_steps
     snapshot_uri = ctx.require_input("snapshot_uri")

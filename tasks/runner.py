@@ -49,6 +49,11 @@ class StepContext:
     config: Config
     overrides: list[str] = field(default_factory=list)
     inputs: dict[str, str] = field(default_factory=dict)
+    config_path: str | None = None
+
+    def config_with(self, extra: dict) -> Config:
+        """This run's config (same file, same --set overrides) with more overrides on top, e.g. HPO's choices."""
+        return load_config(self.config_path, [*self.overrides, *(f"{k}={json.dumps(v)}" for k, v in extra.items())])
 
     def require_input(self, key: str) -> str:
         if not self.inputs.get(key):
@@ -85,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         inputs = dict(kv.split("=", 1) for kv in args.inputs)
-        ctx = StepContext(args.step, args.run_id, load_config(args.config, args.overrides), args.overrides, inputs)
+        ctx = StepContext(args.step, args.run_id, load_config(args.config, args.overrides), args.overrides, inputs,
+                          args.config)
         module_name, _, func = STEPS[args.step].partition(":")
         manifest = getattr(importlib.import_module(module_name), func or "run")(ctx)
     except (StepError, ConfigError) as exc:
