@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: install demo test lint bench stack-up stack-down clean
+.PHONY: install demo test chaos lint bench stack-up stack-down clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ demo: install
 test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest
+
+# Fault injection, fuzzing and long load tests against the real servers (see RELIABILITY.md).
+chaos: install
+	$(VENV)/bin/pytest -m chaos
 
 bench: install
 	$(PY) -m bench all

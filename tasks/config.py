@@ -175,6 +175,36 @@ class PipelineConfig:
 
 
 @dataclass
+class ChatConfig:
+    model_uri: str = opt("", "Model the chat service serves: '' = the registry's champion of release.registered_model, "
+                             "or models:/name@alias, models:/name/version, or a local Hugging Face model folder.")
+    host: str = opt("127.0.0.1", "Interface the chat service binds to in local mode.")
+    port: int = opt(8000, "Port of the chat service in local mode ($ECB_CHAT_PORT wins).", minimum=1, maximum=65535)
+    max_message_chars: int = opt(2000, "Longest accepted user message (longer -> HTTP 413).", minimum=1)
+    max_new_tokens: int = opt(160, "Tokens generated per reply (greedy).", minimum=1, maximum=4096)
+    context_tokens: int = opt(0, "Prompt + reply token budget (0 = the model's max_position_embeddings); the "
+                                 "oldest turns are dropped to fit.", minimum=0)
+    rate_limit_per_minute: int = opt(30, "Messages per client token per minute (over -> HTTP 429).", minimum=1)
+    create_limit_per_minute: int = opt(60, "New conversations per client address per minute.", minimum=1)
+    max_batch_size: int = opt(16, "Requests decoded together by the generation worker.", minimum=1, maximum=1024)
+    max_queue: int = opt(256, "Requests waiting for the generation worker (over -> HTTP 503).", minimum=1)
+    request_timeout_s: float = opt(120.0, "A reply not finished in this time is cut off.", minimum=1.0)
+    cors_origins: list = opt([], "Origins allowed to call the API from a browser (empty = CORS off).")
+    threads: int = opt(64, "gunicorn threads (one per open stream; generation itself runs on one worker).",
+                       minimum=1)
+    deploy_timeout_s: int = opt(600, "How long deploy_chat_service waits for the new version to serve.", minimum=5)
+
+
+@dataclass
+class ExecutionConfig:
+    mode: str = opt("local", "How steps run: local subprocess, Docker containers or Kubernetes pods "
+                             "($ECB_EXECUTION_MODE or the Airflow Variable ecb_execution_mode win).",
+                    choices=("local", "docker", "kubernetes"))
+    image: str = opt("ecb-gpu:latest", "Image built from Dockerfile.gpu that runs the steps in docker/kubernetes mode.")
+    gpus_per_step: int = opt(1, "GPUs requested by each GPU step in docker/kubernetes mode.", minimum=0, maximum=16)
+
+
+@dataclass
 class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -186,6 +216,8 @@ class Config:
     gate: GateConfig = field(default_factory=GateConfig)
     release: ReleaseConfig = field(default_factory=ReleaseConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
