@@ -197,11 +197,45 @@ class ChatConfig:
 
 @dataclass
 class ExecutionConfig:
-    mode: str = opt("local", "How steps run: local subprocess, Docker containers or Kubernetes pods "
-                             "($ECB_EXECUTION_MODE or the Airflow Variable ecb_execution_mode win).",
-                    choices=("local", "docker", "kubernetes"))
+    mode: str = opt("local", "How steps run: local subprocess, Docker containers or Kubernetes pods. "
+                             "$ECB_EXECUTION_MODE wins, then the Airflow Variable ecb_execution (a JSON object of "
+                             "execution.* fields), then this file.", choices=("local", "docker", "kubernetes"))
     image: str = opt("ecb-gpu:latest", "Image built from Dockerfile.gpu that runs the steps in docker/kubernetes mode.")
+    image_pull_policy: str = opt("IfNotPresent", "When to pull the step image (docker: Always = pull before each "
+                                                 "step).", choices=("Always", "IfNotPresent", "Never"))
     gpus_per_step: int = opt(1, "GPUs requested by each GPU step in docker/kubernetes mode.", minimum=0, maximum=16)
+    step_gpus: dict = opt({}, "GPUs of named GPU steps, overriding gpus_per_step (e.g. {finetune: 2}); a step takes "
+                              "one slot of the 'gpu' pool per GPU.")
+    docker_url: str = opt("unix://var/run/docker.sock", "Docker Engine that runs the step containers (docker mode).")
+    docker_network: str = opt("ecb", "Network of the step containers: the compose stack's, so postgres, s3 and mlflow "
+                                     "resolve by name.")
+    docker_cache_volume: str = opt("ecb-cache", "Docker volume mounted at /cache in step containers (Hugging Face "
+                                                "and base-model caches survive between steps).")
+    docker_shm_mb: int = opt(2048, "Shared memory of a step container in MiB (Docker's 64 MiB is too small for "
+                                   "PyTorch data loading).", minimum=64)
+    docker_socket_steps: list = opt(["deploy_chat_service"], "Steps whose container gets the Docker socket, to "
+                                                             "restart the compose chat service (docker mode).")
+    compose_project: str = opt("ecb", "Compose project of the stack; the rollout finds the chat container by it.")
+    chat_service: str = opt("chat", "The chat service's compose service (docker mode) or Deployment and Service "
+                                    "(kubernetes mode).")
+    chat_url: str = opt("", "Base URL polled after a rollout ('' = http://<chat_service>:8000 in docker mode, "
+                            "http://<chat_service>.<k8s_namespace>.svc:8000 in kubernetes mode).")
+    k8s_namespace: str = opt("ecb", "Namespace of the step pods and the chat Deployment.")
+    k8s_conn_id: str = opt("kubernetes_default", "Airflow connection to the cluster (in-cluster config when it is "
+                                                 "not defined).")
+    k8s_service_account: str = opt("ecb-steps", "Service account of the step pods (the deploy step patches the "
+                                                "chat Deployment with it).")
+    k8s_secret: str = opt("ecb-step-secrets", "Kubernetes Secret whose keys become step environment: S3 keys, "
+                                              "database URLs, tokens. Only its name is in the pod spec.")
+    k8s_config_map: str = opt("ecb-step-config", "ConfigMap whose keys become step environment: endpoints, region.")
+    k8s_cache_pvc: str = opt("ecb-model-cache", "PersistentVolumeClaim mounted at /cache ('' = an emptyDir per pod); "
+                                                "ReadWriteMany when HPO trials land on several nodes.")
+    k8s_node_selector: dict = opt({"nvidia.com/gpu.present": "true"}, "Node labels a GPU step pod must match.")
+    k8s_tolerations: list = opt([{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                                "Tolerations of GPU step pods (GPU nodes are usually tainted).")
+    k8s_image_pull_secrets: list = opt([], "Secrets for pulling the step image from a private registry.")
+    k8s_startup_timeout_s: int = opt(900, "How long a step pod may stay pending (scheduling, pulling a multi-GB "
+                                          "image) before the task fails.", minimum=30)
 
 
 @dataclass
