@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from tasks.config import DataConfig
 
 REASONS = ("missing_field", "empty_field", "undecodable", "too_long", "extra_columns", "short_row",
-           "malformed_json", "duplicate")
+           "malformed_json", "duplicate", "control_token", "header_row")
 SPLITS = ("train", "validation", "test")
 RAW_FIELD_LIMIT = 2000
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -132,6 +132,17 @@ def clean_text(s: str) -> str:
     return unicodedata.normalize("NFC", s.strip())
 
 
+# Chat-template control tokens (ChatML, Zephyr/TinyLlama, Llama 2/3, Mistral). clean_text keeps them as text, but a
+# training row must not carry them: rendered through the chat template, "</s>" in an answer ends the turn early and
+# "<|assistant|>" in a question forges a turn. Such rows are quarantined (reason control_token), never rewritten.
+_CONTROL_TOKEN_RE = re.compile(r"<\|[A-Za-z0-9_.:-]{1,40}\|>|</?s>|\[/?INST\]|<</?SYS>>|<unk>|<pad>")
+
+
+def control_tokens(text: str) -> list[str]:
+    """The distinct chat-template control tokens in a text, in order of first appearance."""
+    return list(dict.fromkeys(m.group(0) for m in _CONTROL_TOKEN_RE.finditer(text)))
+
+
 # --------------------------------------------------------------------------------------------------- reading
 
 _BAD_CHAR_RE = re.compile("[\x00\ud800-\udfff]")  # NUL, or a surrogate left by surrogateescape / a JSON escape
@@ -180,6 +191,33 @@ def _not_text(name: str, data: bytes) -> SchemaError:
     return SchemaError(f"{name}: not UTF-8 text{hint}")
 
 
+_MAGIC = ((b"\x1f\x8b", "gzip"), (b"PK\x03\x04", "zip"), (b"%PDF-", "PDF"), (b"\x89PNG", "PNG"), (b"PAR1", "Parquet"),
+          (b"\xff\xd8\xff", "JPEG"), (b"SQLite format 3\x00", "SQLite"), (b"\xfd7zXZ\x00", "xz"),
+          (b"\x28\xb5\x2f\xfd", "zstd"), (b"\x7fELF", "ELF executable"))
+_BINARY_SAMPLE = 8192
+_BINARY_RATIO = 0.10
+_BINARY_CHAR_RE = re.compile("[\x00-\x08\x0e-\x1a\x1c-\x1f\ud800-\udfff]")
+
+
+def _check_text(name: str, data: bytes) -> None:
+    """Refuse a file that is binary rather than text with a bad row or two: known magic numbers, UTF-16, or more
+    than 10% control / undecodable characters in its first 8 KB. The message names the file and what it looks like."""
+    head = data[:_BINARY_SAMPLE]
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise _not_text(name, data)
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            raise SchemaError(f"{name}: not UTF-8 text (a {kind} file; {kind} data cannot be read as CSV/JSONL)")
+    text = head.decode("utf-8", "surrogateescape")
+    if len(head) == _BINARY_SAMPLE:  # do not count a character cut in half by the sample
+        text = text[:-3]
+    bad = len(_BINARY_CHAR_RE.findall(text))
+    if text and bad / len(text) > _BINARY_RATIO:
+        utf16 = " (looks like UTF-16 without a byte-order mark)" if head[1::2].count(0) > len(head) // 4 else ""
+        raise SchemaError(f"{name}: not UTF-8 text ({bad} of the first {len(text)} characters are control bytes or "
+                          f"invalid UTF-8: binary data){utf16}")
+
+
 def _check_columns(name: str, columns: list[str], cfg: DataConfig) -> dict:
     missing = [c for c in _required(cfg) if c not in columns]
     unknown = [c for c in columns if c not in _known(cfg)]
@@ -202,6 +240,11 @@ def _make_record(values: dict, name: str, row: int, cfg: DataConfig) -> tuple[Re
         if len(cleaned[col]) > limit]
     if too_long:
         return None, ("too_long", "; ".join(f"'{c}' has {n} chars (limit {lim})" for c, n, lim in too_long))
+    tokens = {col: found for col in (cfg.instruction_column, cfg.response_column)
+              if (found := control_tokens(cleaned[col]))}
+    if tokens:
+        return None, ("control_token", "; ".join(f"'{c}' contains chat-template token(s) {found}"
+                                                 for c, found in tokens.items()))
     flags = values.get(cfg.flags_column)
     return Record(instruction=cleaned[cfg.instruction_column], response=cleaned[cfg.response_column],
                   intent=cleaned[cfg.intent_column], category=cleaned[cfg.category_column],
@@ -210,16 +253,45 @@ def _make_record(values: dict, name: str, row: int, cfg: DataConfig) -> tuple[Re
 
 # CSV -----------------------------------------------------------------------------------------------------------
 
-def _csv_rows(name: str, data: bytes) -> Iterable[list[str]]:
+def _csv_records(name: str, data: bytes) -> Iterable[tuple[list[str], int, int]]:
+    """(cells, first line, last line) per CSV record; lines are physical, 1-based, header included.
+
+    A quote that is opened and never closed swallows the rest of the file into one field. Python's csv module
+    (non-strict) says nothing, so the last record is checked again in strict mode: if it ends inside quotes the
+    file fails with the line where the quote was opened, instead of hiding every later row in one cell.
+    """
     # surrogateescape decodes byte by byte: one bad byte marks its own row, not the whole file.
     text = data.removeprefix(UTF8_BOM).decode("utf-8", "surrogateescape")
     # A legitimately huge field must become a too_long row, not a csv.Error that kills the file.
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
-    reader = csv.reader(io.StringIO(text, newline=""))
+    buf = io.StringIO(text, newline="")
+    reader = csv.reader(buf)
+    start, first_line, last = 0, 1, None
     try:
-        yield from reader
+        for cells in reader:
+            last = (start, first_line)
+            yield cells, first_line, reader.line_num
+            start, first_line = buf.tell(), reader.line_num + 1
     except csv.Error as exc:
-        raise SchemaError(f"{name}: CSV parse error near record {reader.line_num}: {exc}") from exc
+        raise SchemaError(f"{name}: CSV parse error near line {reader.line_num}: {exc}") from exc
+    if last is not None:  # did the file end inside a quoted field of its last record?
+        _check_closed_quotes(name, text[last[0]:], last[1], reader.line_num)
+
+
+def _check_closed_quotes(name: str, tail: str, first_line: int, last_line: int) -> None:
+    try:
+        for _ in csv.reader(io.StringIO(tail, newline=""), strict=True):
+            pass
+    except csv.Error as exc:
+        if "unexpected end of data" in str(exc):
+            raise SchemaError(f"{name}: unterminated quoted field: a quote opened in the record starting at line "
+                              f"{first_line} is never closed, so lines {first_line}-{last_line} would be read as "
+                              f"one row; fix the quoting") from exc
+
+
+def _csv_rows(name: str, data: bytes) -> Iterable[list[str]]:
+    for cells, _, _ in _csv_records(name, data):
+        yield cells
 
 
 def _csv_header(name: str, header: list[str] | None, data: bytes, cfg: DataConfig) -> dict:
@@ -241,27 +313,32 @@ def _csv_raw(columns: list[str], cells: list[str]) -> dict:
     return raw
 
 
-def _csv_problem(columns: list[str], cells: list[str]) -> tuple[str, str] | None:
+def _csv_problem(columns: list[str], cells: list[str], lines: tuple[int, int]) -> tuple[str, str] | None:
     """Structural row problems, checked before the fields are looked at."""
+    span = f" (lines {lines[0]}-{lines[1]})" if lines[1] > lines[0] else f" (line {lines[0]})"
     if any(_is_bad_text(c) for c in cells):
-        return "undecodable", "row contains bytes that are not valid UTF-8 or a NUL byte"
+        return "undecodable", f"row contains bytes that are not valid UTF-8 or a NUL byte{span}"
     if len(cells) > len(columns):
-        return "extra_columns", f"row has {len(cells)} fields, header has {len(columns)}"
+        return "extra_columns", f"row has {len(cells)} fields, header has {len(columns)}{span}"
     if len(cells) < len(columns):
-        return "short_row", f"row has {len(cells)} fields, header has {len(columns)}"
+        return "short_row", f"row has {len(cells)} fields, header has {len(columns)}{span}"
+    if [c.replace("\ufeff", "").strip().casefold() for c in cells] == [c.casefold() for c in columns]:
+        return "header_row", f"row repeats the header (concatenated files?){span}"
     return None
 
 
 def _read_csv(name: str, data: bytes, cfg: DataConfig) -> tuple[list[Record], list[Quarantined], int, dict]:
-    rows = iter(_csv_rows(name, data))
-    report = _csv_header(name, next(rows, None), data, cfg)
+    _check_text(name, data)
+    rows = iter(_csv_records(name, data))
+    header = next(rows, None)
+    report = _csv_header(name, header and header[0], data, cfg)
     columns = report["columns"]
     records, quarantine, rows_in = [], [], 0
-    for cells in rows:
+    for cells, first, last in rows:
         if not cells:  # a blank line is not a data row (csv.DictReader skips it too)
             continue
         rows_in += 1
-        problem = _csv_problem(columns, cells)
+        problem = _csv_problem(columns, cells, (first, last))
         record = None
         if problem is None:
             record, problem = _make_record(dict(zip(columns, cells, strict=True)), name, rows_in, cfg)
@@ -292,12 +369,20 @@ def _parse_jsonl_line(line: bytes) -> tuple[dict | None, tuple | None, dict | st
     if "\x00" in text:
         return None, ("undecodable", "line contains a NUL byte"), _safe_text(text)
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         return None, ("malformed_json", f"invalid JSON: {exc.msg} at column {exc.colno}"), _safe_text(text)
+    except ValueError as exc:  # NaN / Infinity, which JSON does not have
+        return None, ("malformed_json", f"invalid JSON: {exc}"), _safe_text(text)
+    except RecursionError:
+        return None, ("malformed_json", "invalid JSON: nested too deeply"), _safe_text(text)
     if not isinstance(obj, dict):
         return None, ("malformed_json", f"expected a JSON object, got {type(obj).__name__}"), _safe_text(text)
     return obj, None, {str(k): _safe_value(v) for k, v in obj.items()}
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def _jsonl_values(obj: dict, cfg: DataConfig) -> tuple[dict | None, tuple | None]:
@@ -332,6 +417,7 @@ def _jsonl_header(name: str, data: bytes, parsed: list, cfg: DataConfig) -> dict
 
 
 def _read_jsonl(name: str, data: bytes, cfg: DataConfig) -> tuple[list[Record], list[Quarantined], int, dict]:
+    _check_text(name, data)
     parsed = _parse_jsonl(data)
     report = _jsonl_header(name, data, parsed, cfg)
     records, quarantine = [], []
@@ -361,6 +447,7 @@ def read_rows(name: str, data: bytes, cfg: DataConfig) -> tuple[list[Record], li
 
 def header_report(name: str, data: bytes, cfg: DataConfig) -> dict:
     """{"columns", "unknown", "missing"} of one file. Raises SchemaError when required columns are missing."""
+    _check_text(name, data)
     if _file_kind(name) == ".csv":
         return _csv_header(name, next(iter(_csv_rows(name, data)), None), data, cfg)
     return _jsonl_header(name, data, _parse_jsonl(data), cfg)
@@ -491,13 +578,21 @@ def prepare(files: list[tuple[str, bytes]], cfg: DataConfig) -> PrepResult:
     quarantine: list[Quarantined] = []
     per_file: dict[str, dict] = {}
     unknown: dict[str, list[str]] = {}
+    errors: list[str] = []
     for name, data in sorted(files, key=lambda f: f[0]):  # sorted: dedupe keeps the first copy
-        recs, quar, rows_in, report = _read(name, data, cfg)
+        try:
+            recs, quar, rows_in, report = _read(name, data, cfg)
+        except SchemaError as exc:  # read every file first, so one run names all the bad ones
+            errors.append(str(exc))
+            continue
         records += recs
         quarantine += quar
         per_file[name] = {"rows_in": rows_in, "kept": 0, "quarantined": len(quar), "sampled_out": 0}
         if report["unknown"]:
             unknown[name] = report["unknown"]
+    if errors:
+        raise SchemaError(errors[0] if len(errors) == 1 else
+                          f"{len(errors)} of {len(files)} raw files are unusable:\n" + "\n".join(errors))
     records, dupes = dedupe(records)
     quarantine += dupes
     splits = split_records(records, cfg)

@@ -19,7 +19,7 @@ from tasks.config import TRAINING_SECTIONS
 from tasks.runner import StepContext, StepError
 
 log = logging.getLogger("tasks.prepare_chatml")
-PREP_VERSION = "1"  # bump when cleaning/splitting code changes what a snapshot contains
+PREP_VERSION = "2"  # bump when cleaning/splitting code changes what a snapshot contains
 SPLITS = ("train", "validation", "test")
 
 
@@ -63,6 +63,7 @@ def read_raw_files(manifest: dict) -> list[tuple[str, bytes]]:
             files.append((obj["rel"], s3.get_bytes(obj["raw_uri"])))
         except Exception as exc:  # noqa: BLE001 - name the object; the cause is chained
             raise StepError(f"cannot read raw file {obj['raw_uri']}: {exc}") from exc
+    log.info("read %d raw file(s), %d bytes", len(files), sum(len(data) for _, data in files))
     return files
 
 
@@ -104,8 +105,10 @@ def prepare(ctx: StepContext, raw: dict, sid: str, uri: str) -> dict:
     except chatml.SchemaError as exc:
         raise StepError(str(exc)) from exc
     if result.rows_kept == 0:
-        raise StepError(f"no usable rows in {raw['n_objects']} raw file(s): {result.rows_quarantined} quarantined "
-                        f"({result.reasons}); see {uri}/quarantine.jsonl")
+        per_file = ", ".join(f"{name}: {st['rows_in']} rows, {st['quarantined']} quarantined"
+                             for name, st in sorted(result.per_file.items()))
+        raise StepError(f"no usable rows in {raw['n_objects']} raw file(s) ({per_file}): {result.rows_quarantined} "
+                        f"quarantined ({result.reasons}); nothing written to {uri}")
     m = write_snapshot(sid, uri, result, ctx, raw)
     log.info("prepared snapshot %s: rows_in=%d kept=%d quarantined=%d sampled_out=%d -> train=%d validation=%d "
              "test=%d", sid, m["rows_in"], m["rows_kept"], m["rows_quarantined"], m["rows_sampled_out"],

@@ -22,8 +22,11 @@ log = logging.getLogger("tasks.sync_raw_data")
 SOURCE_ETAG = "source-etag"  # object metadata key on the copy
 
 
-def list_source(source: str, patterns: list[str]) -> list[dict]:
-    """[{'rel': relative key, 'uri': s3 uri or path, 'size', 'etag'}] for matching files, sorted by rel."""
+def list_source(source: str, patterns: list[str], ignored: list[str] | None = None) -> list[dict]:
+    """[{'rel': relative key, 'uri': s3 uri or path, 'size', 'etag'}] for matching files, sorted by rel.
+
+    The relative names of the files that do not match ``patterns`` are appended to ``ignored`` when given, so the
+    manifest can say what was left out instead of dropping it silently."""
     wanted = tuple(p.lower() for p in patterns)
     if source.startswith("s3://"):
         bucket, prefix = s3.split_uri(source)
@@ -37,9 +40,18 @@ def list_source(source: str, patterns: list[str]) -> list[dict]:
         root = Path(source).expanduser()
         if not root.is_dir():
             raise StepError(f"data.source {source} is neither an s3:// URI nor an existing folder")
-        found = [{"rel": p.relative_to(root).as_posix(), "uri": str(p), "size": p.stat().st_size,
-                  "etag": hashlib.md5(p.read_bytes(), usedforsecurity=False).hexdigest()}
-                 for p in root.rglob("*") if p.is_file()]
+        found = []
+        for p in sorted(root.rglob("*")):
+            if p.is_file():
+                try:
+                    data = p.read_bytes()
+                except OSError as exc:
+                    raise StepError(f"cannot read source file {p}: {exc}") from exc
+                found.append({"rel": p.relative_to(root).as_posix(), "uri": str(p), "size": len(data),
+                              "etag": hashlib.md5(data, usedforsecurity=False).hexdigest()})
+    found = [f for f in found if f["rel"] and not f["rel"].endswith("/")]  # S3 "folder" marker objects
+    if ignored is not None:
+        ignored += sorted(f["rel"] for f in found if not f["rel"].lower().endswith(wanted))
     return sorted((f for f in found if f["rel"].lower().endswith(wanted)), key=lambda f: f["rel"])
 
 
@@ -81,9 +93,14 @@ def record(ctx: StepContext, manifest: dict) -> None:
 def run(ctx: StepContext) -> dict:
     cfg = ctx.config
     raw_root = f"s3://{cfg.storage.bucket}/{cfg.storage.raw_prefix}"
-    objects = list_source(cfg.data.source, cfg.data.file_patterns)
+    ignored: list[str] = []
+    objects = list_source(cfg.data.source, cfg.data.file_patterns, ignored)
+    if ignored:
+        log.warning("ignored %d file(s) in %s not ending in %s: %s", len(ignored), cfg.data.source,
+                    cfg.data.file_patterns, ", ".join(ignored[:20]) + (" ..." if len(ignored) > 20 else ""))
     if not objects:
-        raise StepError(f"data.source {cfg.data.source} holds no files ending in {cfg.data.file_patterns}")
+        raise StepError(f"data.source {cfg.data.source} holds no files ending in {cfg.data.file_patterns}"
+                        + (f" (ignored: {', '.join(ignored[:20])})" if ignored else ""))
     copied = 0
     for obj in objects:
         obj["raw_uri"] = s3.join(raw_root, obj["rel"])
@@ -92,7 +109,7 @@ def run(ctx: StepContext) -> dict:
             log.info("copied %s -> %s (%d bytes)", obj["uri"], obj["raw_uri"], obj["size"])
     digest = manifest_digest(objects)
     manifest = {"source": cfg.data.source, "digest": digest, "n_objects": len(objects),
-                "n_bytes": sum(o["size"] for o in objects), "n_copied": copied,
+                "n_bytes": sum(o["size"] for o in objects), "n_copied": copied, "ignored": ignored,
                 "objects": [{k: o[k] for k in ("rel", "raw_uri", "size", "etag")} for o in objects]}
     # Content-addressed copy (shared by every run that saw the same data) plus the run's own pointer.
     manifest["manifest_uri"] = s3.join(raw_root, "_manifests", f"{digest}.json")
@@ -101,7 +118,8 @@ def run(ctx: StepContext) -> dict:
     record(ctx, manifest)
     log.info("sync done: %d objects (%d bytes) in the manifest, %d copied, %d unchanged; digest %s",
              len(objects), manifest["n_bytes"], copied, len(objects) - copied, digest[:12])
-    return {k: manifest[k] for k in ("manifest_uri", "digest", "n_objects", "n_bytes", "n_copied")}
+    return {**{k: manifest[k] for k in ("manifest_uri", "digest", "n_objects", "n_bytes", "n_copied")},
+            "n_ignored": len(ignored)}
 
 
 def save_run_config(ctx: StepContext) -> str:
