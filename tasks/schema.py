@@ -157,7 +157,7 @@ conversations = Table(
     "conversations", metadata,
     Column("id", String(64), primary_key=True),
     Column("client_token_hash", String(128), nullable=False),
-    Column("model_version", String(32)),
+    Column("model_version", String(128)),
     _ts(),
 )
 
@@ -168,10 +168,12 @@ messages = Table(
            index=True),
     Column("role", String(16), nullable=False),
     Column("content", Text, nullable=False),
-    Column("model_version", String(32)),
+    Column("model_version", String(128)),
     Column("latency_ms", Float),
+    Column("ttft_ms", Float),
     Column("prompt_tokens", Integer),
     Column("completion_tokens", Integer),
+    Column("finish_reason", String(16)),
     _ts(),
 )
 
@@ -180,6 +182,6 @@ feedback = Table(
     Column("id", BigInteger, primary_key=True, autoincrement=True),
     Column("message_id", BigInteger, ForeignKey("messages.id", ondelete="CASCADE"), nullable=False, unique=True),
     Column("rating", SmallInteger, nullable=False),
-    Column("model_version", String(32)),
+    Column("model_version", String(128)),
     _ts(),
 )

@@ -173,6 +173,8 @@ def init_settings(airflow_port: int | None = None) -> dict:
     s.setdefault("jwt_secret", secrets.token_urlsafe(64))
     s.setdefault("fernet_key", _fernet_key())
     s.setdefault("chat_admin_token", secrets.token_urlsafe(24))
+    # The chat service's port: 8000 for the demo when it is free, any free port otherwise (tests, a second stack).
+    s.setdefault("chat_port", int(os.environ.get("ECB_CHAT_PORT") or (8000 if port_free(8000) else free_port())))
     save_settings(s)
     return s
 
@@ -236,6 +238,7 @@ def stack_env(s: dict) -> dict:
         "AIRFLOW_CONN_ECB_RESULTS": json.dumps(results_conn),
         "AIRFLOW_CONN_MLFLOW_DEFAULT": json.dumps({"conn_type": "http", "host": mlflow_uri}),
         "ECB_CHAT_ADMIN_TOKEN": s["chat_admin_token"],
+        "ECB_CHAT_PORT": str(s["chat_port"]),
         "ECB_MODEL_CACHE": str(state_dir() / "model-cache"),
         # The local stack runs the demo settings unless the person chose a config file.
         "ECB_CONFIG": s.get("config") or str(REPO / "include" / "config" / "demo.yaml"),
@@ -397,6 +400,7 @@ def _buckets(s: dict) -> bool:
 # --- MLflow tracking server -------------------------------------------------------------------------------
 
 MLFLOW = Proc("mlflow")
+CHAT = Proc("chat")  # started by the deploy_chat_service step, stopped with the stack
 
 
 def mlflow_up(s: dict) -> str:
@@ -460,7 +464,7 @@ def up(airflow: bool = True, mlflow: bool = True) -> dict:
 
 
 def down() -> list[str]:
-    stopped = [p.name for p in (*AIRFLOW_PROCS.values(), MLFLOW) if p.stop()]
+    stopped = [p.name for p in (CHAT, *AIRFLOW_PROCS.values(), MLFLOW) if p.stop()]
     # SeaweedFS takes ~20 s to exit on SIGTERM; wait for it so a following `up` does not race its ports.
     if WEED.stop(timeout=40):
         stopped.append(WEED.name)
@@ -473,10 +477,11 @@ def status() -> dict:
     s = load_settings()
     if not s:
         return {"state_dir": str(state_dir()), "running": {}}
-    running = {p.name: p.pid() for p in (WEED, MLFLOW, *AIRFLOW_PROCS.values())}
+    running = {p.name: p.pid() for p in (WEED, MLFLOW, *AIRFLOW_PROCS.values(), CHAT)}
     running["postgres"] = _pg_ready(s) if not s.get("external_pg") else "external"
     return {"state_dir": str(state_dir()), "running": running, "airflow_ui": f"http://localhost:{s['airflow_port']}",
-            "mlflow_ui": f"http://127.0.0.1:{s['mlflow_port']}", "s3": s3_endpoint(s) or "AWS"}
+            "mlflow_ui": f"http://127.0.0.1:{s['mlflow_port']}", "s3": s3_endpoint(s) or "AWS",
+            "chat": f"http://127.0.0.1:{s.get('chat_port', 8000)}"}
 
 
 def wipe() -> None:

@@ -1,0 +1,40 @@
+"""Admin endpoints: hot reload of the serving model. Bearer token from $ECB_CHAT_ADMIN_TOKEN, compared in
+constant time; without a configured token every admin call is refused."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+
+from flask import Blueprint, current_app, jsonify, request
+
+from tasks.chat.api import ApiError
+
+bp = Blueprint("admin", __name__, url_prefix="/admin")
+log = logging.getLogger("tasks.chat.admin")
+
+
+def require_admin() -> None:
+    expected = os.environ.get("ECB_CHAT_ADMIN_TOKEN", "")
+    given = request.headers.get("Authorization", "")
+    scheme, _, token = given.partition(" ")
+    if not expected or scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected.encode()):
+        raise ApiError(401, "admin token required", {"WWW-Authenticate": 'Bearer realm="ecb-chat-admin"'})
+
+
+@bp.post("/reload")
+def reload():
+    """Load the champion (or body.model_uri) in the background; requests keep running on the current model."""
+    require_admin()
+    body = request.get_json(silent=True) if request.data else {}
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    uri = body.get("model_uri")
+    if uri is not None and (not isinstance(uri, str) or not uri.strip()):
+        raise ApiError(400, "'model_uri' must be a non-empty string")
+    state = current_app.extensions["ecb_model"]
+    started = state.reload(uri)
+    current = state.handle.version if state.handle else None
+    log.info("admin reload %s (serving %s)", "started" if started else "already running", current)
+    return jsonify(status="loading", started=started, serving_version=current, reload=state.reload_state), 202

@@ -1,0 +1,259 @@
+"""JSON API: conversations, messages (streamed as Server-Sent Events or whole), feedback, model info, health."""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict, deque
+
+from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
+
+from tasks.chat import store
+from tasks.chat.engine import Job, QueueFull
+from tasks.chat.openapi import spec
+from tasks.chat.prompting import PromptTooLong, build_prompt
+
+bp = Blueprint("api", __name__)
+log = logging.getLogger("tasks.chat.api")
+TOKEN_HEADER = "X-Client-Token"  # noqa: S105 - a header name, not a secret
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+@bp.app_errorhandler(ApiError)
+def _api_error(exc: ApiError):
+    return jsonify(error=exc.message), exc.status, exc.headers
+
+
+class RateLimiter:
+    """Sliding one-minute window per key (a client token hash or an address), in process memory."""
+
+    def __init__(self):
+        self.hits: dict[str, deque] = defaultdict(deque)
+        self.lock = threading.Lock()
+
+    def check(self, key: str, per_minute: int) -> None:
+        now = time.monotonic()
+        with self.lock:
+            hits = self.hits[key]
+            while hits and now - hits[0] > 60:
+                hits.popleft()
+            if len(hits) >= per_minute:
+                raise ApiError(429, f"rate limit: at most {per_minute} requests per minute",
+                               {"Retry-After": str(int(60 - (now - hits[0])) + 1)})
+            hits.append(now)
+            if len(self.hits) > 10000:  # forget idle keys so the table stays small
+                for k in [k for k, v in self.hits.items() if not v or now - v[-1] > 60]:
+                    del self.hits[k]
+
+
+def _cfg():
+    return current_app.config["ECB"]
+
+
+def _state():
+    return current_app.extensions["ecb_model"]
+
+
+def _limiter() -> RateLimiter:
+    return current_app.extensions.setdefault("ecb_rate", RateLimiter())
+
+
+def _body() -> dict:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    return body
+
+
+def _owned(conversation_id: str) -> str:
+    token = request.headers.get(TOKEN_HEADER, "")
+    if not store.owns(conversation_id, token):
+        raise ApiError(404, "conversation not found")
+    return token
+
+
+@bp.get("/healthz")
+def healthz():
+    return jsonify(status="ok")
+
+
+@bp.get("/readyz")
+def readyz():
+    h = _state().handle
+    if h is None:
+        return jsonify(error="model not loaded yet", reload=_state().reload_state), 503
+    return jsonify(status="ready", model_version=h.version)
+
+
+@bp.get("/openapi.json")
+def openapi():
+    return jsonify(spec(_cfg().chat.max_message_chars))
+
+
+@bp.get("/api/model")
+def model_info():
+    state = _state()
+    h = state.handle
+    body = {"ready": h is not None, "version": None, "reload": state.reload_state, "queued": state.generator.queued}
+    if h is not None:
+        i = h.info
+        body.update(version=h.version, name=i.get("name"), alias=i.get("alias"), uri=i.get("uri"),
+                    base_model=i.get("base_model"), loaded_at=time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                             time.gmtime(h.loaded_at)),
+                    lineage={"dag_run_id": i.get("run_id"), "snapshot_id": i.get("snapshot_id"),
+                             "gate_decision": i.get("gate_decision")})
+    return jsonify(body)
+
+
+@bp.post("/api/conversations")
+def create_conversation():
+    _limiter().check(f"addr:{request.remote_addr}", _cfg().chat.create_limit_per_minute)
+    h = _state().handle
+    cid, token = store.create_conversation(h.version if h else None)
+    return jsonify(conversation_id=cid, client_token=token, model_version=h.version if h else None), 201
+
+
+@bp.get("/api/conversations/<conversation_id>")
+def get_conversation(conversation_id: str):
+    _owned(conversation_id)
+    return jsonify(store.conversation(conversation_id))
+
+
+def _message_text(body: dict) -> str:
+    content = body.get("content")
+    if not isinstance(content, str):
+        raise ApiError(400, "'content' must be a string")
+    if "\x00" in content or not _utf8(content):
+        raise ApiError(400, "'content' must be text (no NUL characters or unpaired surrogates)")
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise ApiError(400, "'stream' must be true or false")
+    if not content.strip():
+        raise ApiError(400, "the message is empty")
+    limit = _cfg().chat.max_message_chars
+    if len(content) > limit:
+        raise ApiError(413, f"the message has {len(content)} characters; the limit is {limit}")
+    return content
+
+
+@bp.post("/api/conversations/<conversation_id>/messages")
+def send_message(conversation_id: str):
+    body = _body()
+    token = _owned(conversation_id)
+    content = _message_text(body)
+    _limiter().check(f"client:{store.token_hash(token)}", _cfg().chat.rate_limit_per_minute)
+    h = _state().handle
+    if h is None:
+        raise ApiError(503, "the model is still loading", {"Retry-After": "5"})
+    cfg = _cfg().chat
+    history = [*store.history(conversation_id), {"role": "user", "content": content}]
+    budget = (cfg.context_tokens or h.context_tokens) - cfg.max_new_tokens
+    try:
+        prompt_ids, dropped = build_prompt(h.tokenizer, _cfg().data.system_prompt, history, budget)
+    except PromptTooLong as exc:
+        raise ApiError(413, str(exc)) from exc
+    job = Job(h, prompt_ids, cfg.max_new_tokens)
+    try:
+        _state().generator.submit(job)
+    except QueueFull as exc:
+        raise ApiError(503, "the service is busy; try again shortly", {"Retry-After": "2"}) from exc
+    user = store.add_message(conversation_id, "user", content, model_version=h.version)
+    turn = Turn(conversation_id, job, user, dropped, cfg.request_timeout_s)
+    wants_stream = body.get("stream") is True or (
+        "stream" not in body and request.accept_mimetypes.best == "text/event-stream")
+    if wants_stream:
+        return Response(stream_with_context(turn.sse()), mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    for _ in turn.events():
+        pass
+    return jsonify(user_message=user, message=turn.stored)
+
+
+class Turn:
+    """One assistant reply: reads the job's events, then stores the reply (also when cut off or abandoned)."""
+
+    def __init__(self, conversation_id: str, job: Job, user: dict, dropped: int, timeout_s: float):
+        self.conversation_id, self.job, self.user, self.dropped = conversation_id, job, user, dropped
+        self.deadline = time.monotonic() + timeout_s
+        self.stored: dict | None = None
+
+    def events(self):
+        """Yield ("token", text) pieces; afterwards ``self.stored`` is the stored assistant message."""
+        job, reason, error = self.job, "cancelled", None
+        try:
+            while True:
+                try:
+                    kind, value = job.events.get(timeout=max(0.01, self.deadline - time.monotonic()))
+                except queue.Empty:
+                    reason = "timeout"
+                    break
+                if kind == "token":
+                    yield kind, value
+                elif kind == "done":
+                    reason = value["finish_reason"]
+                    break
+                else:
+                    reason, error = "error", value
+                    break
+        finally:
+            if reason != "stop" and reason != "length":
+                job.cancelled.set()
+            self._store(reason)
+        if error:
+            raise ApiError(500, error)
+
+    def _store(self, reason: str) -> None:
+        job = self.job
+        now = time.monotonic()
+        self.stored = store.add_message(
+            self.conversation_id, "assistant", job.sent, model_version=job.handle.version,
+            latency_ms=round((now - job.submitted) * 1000, 2), prompt_tokens=len(job.prompt_ids),
+            ttft_ms=round((job.first_token_at - job.submitted) * 1000, 2) if job.first_token_at else None,
+            completion_tokens=len(job.tokens), finish_reason=reason)
+        log.info("reply in conversation %s...: %d prompt tokens (%d old turns dropped), %d new tokens, %.0f ms, %s, "
+                 "model %s", self.conversation_id[:8], len(job.prompt_ids), self.dropped, len(job.tokens),
+                 self.stored["latency_ms"], reason, job.handle.version)
+
+    def sse(self):
+        yield _event("start", {"user_message": self.user, "model_version": self.job.handle.version})
+        try:
+            for _, text in self.events():
+                yield _event("token", {"text": text})
+        except ApiError as exc:
+            yield _event("error", {"error": exc.message})
+            return
+        yield _event("done", {"message": self.stored})
+
+
+def _event(name: str, data: dict) -> str:
+    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+@bp.post("/api/messages/<int:message_id>/feedback")
+def feedback(message_id: int):
+    body = _body()
+    if message_id > 2**63 - 1:
+        raise ApiError(404, "message not found")
+    rating = body.get("rating")
+    if rating not in (1, -1) or isinstance(rating, bool):
+        raise ApiError(400, "'rating' must be 1 (thumbs up) or -1 (thumbs down)")
+    msg = store.assistant_message(message_id, request.headers.get(TOKEN_HEADER, ""))
+    if msg is None:
+        raise ApiError(404, "message not found")
+    store.rate(message_id, rating, msg["model_version"])
+    return jsonify(message_id=message_id, rating=rating, model_version=msg["model_version"])

@@ -1,0 +1,245 @@
+"""The generation worker: one thread per device owns the model and decodes every request, batched.
+
+Requests enter a queue. The worker prefills each new request on its own (batch 1, no padding, so its first token
+comes as soon as possible), then merges it into the running batch: every row's KV cache is left-padded to a shared
+width and an attention mask hides the padding, so one forward pass advances every open reply by one token. A request
+that arrives while others are decoding joins at the next step; a finished one leaves at once (its row is dropped from
+the cache) without waiting for the rest. Decoding is greedy, the same as the evaluate step.
+
+A request carries the model handle it was admitted with, and the worker only batches requests of one handle: after a
+hot reload swaps the handle, requests already decoding finish on the old model and new ones wait for that batch to
+drain, so no request ever sees a half-swapped model.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+log = logging.getLogger("tasks.chat.engine")
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+@dataclass
+class ModelHandle:
+    """A loaded model with what the API reports about it."""
+
+    tokenizer: object
+    model: object
+    version: str
+    info: dict
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @property
+    def context_tokens(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+
+    def eos_ids(self) -> set[int]:
+        from tasks.generation import _eos_ids
+
+        return set(_eos_ids(self.model, self.tokenizer))
+
+
+@dataclass
+class Job:
+    """One reply being generated. Events go to ``events``: ("token", text), ("done", stats), ("error", message)."""
+
+    handle: ModelHandle
+    prompt_ids: list[int]
+    max_new_tokens: int
+    events: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.monotonic)
+    tokens: list[int] = field(default_factory=list)
+    sent: str = ""
+    first_token_at: float | None = None
+
+    def emit_text(self, tokenizer, final: bool = False) -> None:
+        """Send the new part of the decoded text. Leading and trailing whitespace are held back (the stored reply is
+        stripped, so the streamed pieces add up to exactly the stored text), as is an incomplete UTF-8 character."""
+        text = tokenizer.decode(self.tokens, skip_special_tokens=True).strip()
+        if not final and text.endswith("\ufffd"):
+            return
+        if text.startswith(self.sent) and len(text) > len(self.sent):
+            self.events.put(("token", text[len(self.sent):]))
+            self.sent = text
+
+
+class Generator:
+    """The single generation worker of a process; ``submit`` is thread-safe."""
+
+    def __init__(self, max_batch_size: int = 16, max_queue: int = 256):
+        self.max_batch_size = max_batch_size
+        self.inbox: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self.pending: deque[Job] = deque()
+        self.steps = 0
+        self._thread = threading.Thread(target=self._loop, name="generation-worker", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> Job:
+        try:
+            self.inbox.put_nowait(job)
+        except queue.Full as exc:
+            raise QueueFull("the generation queue is full") from exc
+        return job
+
+    @property
+    def queued(self) -> int:
+        return self.inbox.qsize() + len(self.pending)
+
+    # --- worker thread ---------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        batch = Batch()
+        while True:
+            try:
+                if not batch.jobs and not self.pending:
+                    self.pending.append(self.inbox.get())
+                while True:
+                    self.pending.append(self.inbox.get_nowait())
+            except queue.Empty:
+                pass
+            try:
+                self._admit(batch)
+                if batch.jobs:
+                    batch.step()
+                    self.steps += 1
+            except Exception as exc:  # a failed step fails its requests, never the worker
+                log.exception("generation step failed")
+                for job in [*batch.jobs]:
+                    job.events.put(("error", f"generation failed: {type(exc).__name__}"))
+                batch = Batch()
+
+    def _admit(self, batch: Batch) -> None:
+        """Prefill waiting requests of the batch's model into free rows (all of them when the batch is empty)."""
+        waiting = deque()
+        while self.pending:
+            job = self.pending.popleft()
+            if job.cancelled.is_set():
+                continue
+            if len(batch.jobs) >= self.max_batch_size or (batch.jobs and job.handle is not batch.handle):
+                waiting.append(job)
+                continue
+            batch.add(job)
+        self.pending = waiting
+
+
+class Batch:
+    """Rows decoding together on one model: their tokens, a shared left-padded KV cache and its attention mask."""
+
+    def __init__(self):
+        self.jobs: list[Job] = []
+        self.handle: ModelHandle | None = None
+        self.cache = None  # DynamicCache [rows, heads, width, dim] per layer
+        self.mask = None  # [rows, width] long, 1 = real token
+        self.positions = None  # [rows] next position id per row
+
+    def add(self, job: Job) -> None:
+        import torch
+
+        h = job.handle
+        device = h.device
+        ids = torch.tensor([job.prompt_ids], dtype=torch.long, device=device)
+        with torch.inference_mode():
+            out = h.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        token = int(out.logits[0, -1].argmax())
+        job.first_token_at = time.monotonic()
+        if self._accept(job, token):
+            return  # finished with its first token (EOS or max_new_tokens=1): never joins the batch
+        mask = torch.ones((1, ids.shape[1]), dtype=torch.long, device=device)
+        pos = torch.tensor([ids.shape[1]], dtype=torch.long, device=device)
+        if not self.jobs:
+            self.handle, self.cache, self.mask, self.positions, self.jobs = h, out.cache, mask, pos, [job]
+            return
+        self.cache, self.mask = _merge(self.cache, self.mask, out.cache, mask)
+        self.positions = torch.cat([self.positions, pos])
+        self.jobs.append(job)
+
+    def step(self) -> None:
+        import torch
+
+        keep = [i for i, j in enumerate(self.jobs) if not j.cancelled.is_set()]
+        if len(keep) < len(self.jobs):
+            self._select(keep)
+            if not self.jobs:
+                return
+        last = torch.tensor([[j.tokens[-1]] for j in self.jobs], dtype=torch.long, device=self.mask.device)
+        self.mask = torch.cat([self.mask, torch.ones((len(self.jobs), 1), dtype=torch.long,
+                                                     device=self.mask.device)], dim=1)
+        with torch.inference_mode():
+            out = self.handle.model(input_ids=last, attention_mask=self.mask, position_ids=self.positions[:, None],
+                                    cache=self.cache, use_cache=True)
+        self.cache = out.cache
+        self.positions = self.positions + 1
+        tokens = out.logits[:, -1].argmax(dim=-1).tolist()
+        keep = [i for i, (job, tok) in enumerate(zip(self.jobs, tokens, strict=True)) if not self._accept(job, tok)]
+        if len(keep) < len(self.jobs):
+            self._select(keep)
+
+    def _accept(self, job: Job, token: int) -> bool:
+        """Record a token; True when the job is finished (and its done event sent)."""
+        h = job.handle
+        eos = token in h.eos_ids()
+        if not eos:
+            job.tokens.append(token)
+            job.emit_text(h.tokenizer)
+        if eos or len(job.tokens) >= job.max_new_tokens:
+            job.emit_text(h.tokenizer, final=True)
+            job.events.put(("done", {"finish_reason": "stop" if eos else "length",
+                                     "completion_tokens": len(job.tokens)}))
+            return True
+        return False
+
+    def _select(self, rows: list[int]) -> None:
+        import torch
+
+        self.jobs = [self.jobs[i] for i in rows]
+        if not self.jobs:
+            self.__init__()
+            return
+        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.positions = self.mask[index], self.positions[index]
+        # Columns that are padding in every remaining row cost compute in every step: drop them.
+        first_real = int(self.mask.argmax(dim=1).min())
+        if first_real > 0:
+            self.cache = _slice_cache(self.cache, first_real)
+            self.mask = self.mask[:, first_real:]
+
+
+def _layers(cache) -> list[tuple]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _merge(cache_a, mask_a, cache_b, mask_b):
+    """Stack two KV caches along the batch, left-padding the shorter one (its mask is 0 over the padding)."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+    from transformers import DynamicCache
+
+    wa, wb = mask_a.shape[1], mask_b.shape[1]
+    width = max(wa, wb)
+
+    def pad(t, w):  # [rows, heads, w, dim] -> left-pad the sequence axis to width
+        return F.pad(t, (0, 0, width - w, 0)) if w < width else t
+
+    layers = [(torch.cat([pad(ka, wa), pad(kb, wb)]), torch.cat([pad(va, wa), pad(vb, wb)]))
+              for (ka, va), (kb, vb) in zip(_layers(cache_a), _layers(cache_b), strict=True)]
+    mask = torch.cat([F.pad(mask_a, (width - wa, 0)), F.pad(mask_b, (width - wb, 0))])
+    return DynamicCache(layers), mask
+
+
+def _slice_cache(cache, start: int):
+    from transformers import DynamicCache
+
+    return DynamicCache([(k[:, :, start:], v[:, :, start:]) for k, v in _layers(cache)])

@@ -1,0 +1,94 @@
+"""Which model the service serves, and loading it: the registry's champion (adapter merged into its base) by default.
+
+``chat.model_uri`` may name ``models:/<name>@<alias>``, ``models:/<name>/<version>`` or a local Hugging Face model
+folder (development and tests). The lineage shown by ``/api/model`` comes from the registered version's tags (DAG
+run id, dataset snapshot, gate decision id) and the gate decision row in Postgres.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+
+from tasks.chat.engine import ModelHandle
+
+log = logging.getLogger("tasks.chat.models")
+MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
+
+
+class ModelNotFound(RuntimeError):
+    pass
+
+
+def default_uri(cfg) -> str:
+    return cfg.chat.model_uri or f"models:/{cfg.release.registered_model}@champion"
+
+
+def _registry_version(uri: str) -> dict:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from tasks import registry
+
+    m = MODELS_URI.match(uri)
+    if not m:
+        raise ModelNotFound(f"model uri {uri!r} is neither models:/name@alias, models:/name/N nor a folder")
+    client = MlflowClient()
+    try:
+        mv = (client.get_model_version_by_alias(m["name"], m["alias"]) if m["alias"]
+              else client.get_model_version(m["name"], m["version"]))
+    except MlflowException as exc:
+        raise ModelNotFound(f"{uri}: {exc.message if hasattr(exc, 'message') else exc}") from exc
+    info = registry.version_info(mv)
+    info.update(name=m["name"], alias=m["alias"], gate_decision_id=(mv.tags or {}).get("gate_decision_id"))
+    return info
+
+
+def _gate_decision(decision_id) -> dict | None:
+    if not decision_id:
+        return None
+    try:
+        from sqlalchemy import select
+
+        from tasks import db, schema
+
+        g = schema.gate_decisions
+        with db.engine().connect() as conn:
+            row = conn.execute(select(g.c.id, g.c.release, g.c.forced, g.c.score_delta, g.c.summary)
+                               .where(g.c.id == int(decision_id))).mappings().first()
+        return dict(row) if row else None
+    except Exception as exc:  # lineage is informative; a missing row must not stop serving
+        log.warning("gate decision %s not readable: %s", decision_id, type(exc).__name__)
+        return None
+
+
+def load(cfg, uri: str | None = None) -> ModelHandle:
+    """Load the model named by uri (default: the configured one) onto the best device, adapter merged."""
+    from tasks import evaluate
+
+    uri = uri or default_uri(cfg)
+    started = time.monotonic()
+    if Path(uri).is_dir():
+        tokenizer, model = evaluate.load_local(cfg_for_base(cfg, uri))
+        info = {"uri": uri, "name": None, "alias": None, "version": f"local:{Path(uri).name}", "base_model": uri,
+                "run_id": None, "snapshot_id": None, "gate_decision": None}
+    else:
+        reg = _registry_version(uri)
+        tokenizer, model = evaluate.load_for_inference(cfg_for_base(cfg, reg["base_model"]), reg["adapter_uri"])
+        info = {"uri": uri, "name": reg["name"], "alias": reg["alias"], "version": reg["version"],
+                "base_model": reg["base_model"], "adapter_uri": reg["adapter_uri"], "run_id": reg["run_id"],
+                "snapshot_id": reg["snapshot_id"], "gate_decision": _gate_decision(reg["gate_decision_id"])}
+    log.info("loaded model %s (version %s) in %.1fs", uri, info["version"], time.monotonic() - started)
+    return ModelHandle(tokenizer, model, str(info["version"]), info)
+
+
+def cfg_for_base(cfg, base_model: str | None):
+    """The service's config with the base model of the version being loaded."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    if base_model:
+        out.model.base_model = base_model
+    return out

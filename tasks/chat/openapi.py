@@ -1,0 +1,114 @@
+"""The OpenAPI 3.0 document of the chat API, served at /openapi.json (schemathesis fuzzes the app against it)."""
+
+from __future__ import annotations
+
+
+def _json(schema: dict, description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+ERR = {"$ref": "#/components/schemas/Error"}
+TOKEN = {"name": "X-Client-Token", "in": "header", "required": True, "schema": {"type": "string"},
+         "description": "The client_token returned when the conversation was created."}
+CONV_ID = {"name": "conversation_id", "in": "path", "required": True, "schema": {"type": "string"}}
+NULLABLE_STR = {"type": "string", "nullable": True}
+NULLABLE_NUM = {"type": "number", "nullable": True}
+
+
+def _errors(*codes: int) -> dict:
+    text = {400: "Invalid JSON, wrong types or an empty message", 401: "Admin token missing or wrong",
+            404: "Unknown conversation or message, or not this client's", 413: "Message over the length limit",
+            429: "Rate limit exceeded", 503: "Model not loaded yet or the queue is full"}
+    return {str(c): _json(ERR, text[c]) for c in codes}
+
+
+MAX_CHARS = 2000  # replaced by chat.max_message_chars in spec()
+SCHEMAS = {
+    "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+    "Message": {
+        "type": "object", "required": ["id", "role", "content", "created_at"],
+        "properties": {
+            "id": {"type": "integer"}, "role": {"type": "string", "enum": ["user", "assistant"]},
+            "content": {"type": "string"}, "model_version": NULLABLE_STR, "created_at": {"type": "string"},
+            "latency_ms": NULLABLE_NUM, "ttft_ms": NULLABLE_NUM,
+            "prompt_tokens": {"type": "integer", "nullable": True},
+            "completion_tokens": {"type": "integer", "nullable": True}, "finish_reason": NULLABLE_STR,
+            "rating": {"type": "integer", "nullable": True, "enum": [1, -1, None]}}},
+    "Conversation": {
+        "type": "object", "required": ["id", "created_at", "messages"],
+        "properties": {"id": {"type": "string"}, "created_at": {"type": "string"}, "model_version": NULLABLE_STR,
+                       "messages": {"type": "array", "items": {"$ref": "#/components/schemas/Message"}}}},
+    "NewConversation": {
+        "type": "object", "required": ["conversation_id", "client_token"],
+        "properties": {"conversation_id": {"type": "string"}, "client_token": {"type": "string"},
+                       "model_version": NULLABLE_STR}},
+    "SendMessage": {
+        "type": "object", "required": ["content"],
+        "properties": {"content": {"type": "string", "minLength": 1, "maxLength": MAX_CHARS,
+                                   "description": "The user's message (plain text)."},
+                       "stream": {"type": "boolean", "description":
+                                  "Stream the reply as Server-Sent Events (default: per Accept header)."}}},
+    "Reply": {
+        "type": "object", "required": ["user_message", "message"],
+        "properties": {"user_message": {"$ref": "#/components/schemas/Message"},
+                       "message": {"$ref": "#/components/schemas/Message"}}},
+    "Feedback": {"type": "object", "required": ["rating"],
+                 "properties": {"rating": {"type": "integer", "enum": [1, -1]}}},
+    "ModelInfo": {
+        "type": "object", "required": ["ready", "version", "reload", "queued"],
+        "properties": {"ready": {"type": "boolean"}, "version": NULLABLE_STR, "name": NULLABLE_STR,
+                       "alias": NULLABLE_STR, "uri": NULLABLE_STR, "base_model": NULLABLE_STR,
+                       "loaded_at": {"type": "string"}, "queued": {"type": "integer"},
+                       "reload": {"type": "object"}, "lineage": {"type": "object"}}},
+}
+
+
+def spec(max_message_chars: int = MAX_CHARS) -> dict:
+    import copy
+
+    schemas = copy.deepcopy(SCHEMAS)
+    schemas["SendMessage"]["properties"]["content"]["maxLength"] = max_message_chars
+    sse = {"text/event-stream": {"schema": {"type": "string", "description":
+                                            "events: start, token ({text}), done ({message}), error ({error})"}}}
+    paths = {
+        "/healthz": {"get": {"summary": "Process is up", "responses": {"200": _json({"type": "object"}, "Up")}}},
+        "/readyz": {"get": {"summary": "Model is loaded", "responses": {
+            "200": _json({"type": "object"}, "Ready"), **_errors(503)}}},
+        "/api/model": {"get": {"summary": "Serving model: version, alias, base model, load time and lineage",
+                               "responses": {"200": _json({"$ref": "#/components/schemas/ModelInfo"}, "Model")}}},
+        "/api/conversations": {"post": {
+            "summary": "Start a conversation; keep the returned client_token, it is shown once",
+            "requestBody": {"required": False, "content": {"application/json": {"schema": {"type": "object"}}}},
+            "responses": {"201": _json({"$ref": "#/components/schemas/NewConversation"}, "Created"),
+                          **_errors(429)}}},
+        "/api/conversations/{conversation_id}": {"get": {
+            "summary": "A conversation's history", "parameters": [CONV_ID, TOKEN],
+            "responses": {"200": _json({"$ref": "#/components/schemas/Conversation"}, "History"), **_errors(404)}}},
+        "/api/conversations/{conversation_id}/messages": {"post": {
+            "summary": "Send a message; the reply comes whole (JSON) or streamed (Server-Sent Events)",
+            "parameters": [CONV_ID, TOKEN],
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/SendMessage"}}}},
+            "responses": {"200": {"description": "The reply", "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/Reply"}}, **sse}},
+                **_errors(400, 404, 413, 429, 503)}}},
+        "/api/messages/{message_id}/feedback": {"post": {
+            "summary": "Thumbs up (1) or down (-1) on an assistant message",
+            "parameters": [{"name": "message_id", "in": "path", "required": True,
+                            "schema": {"type": "integer", "minimum": 0}}, TOKEN],
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/Feedback"}}}},
+            "responses": {"200": _json({"type": "object"}, "Stored"), **_errors(400, 404)}}},
+        "/admin/reload": {"post": {
+            "summary": "Load the champion (or model_uri) in the background and swap it in",
+            "security": [{"admin": []}],
+            "requestBody": {"required": False, "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"model_uri": {"type": "string"}}}}}},
+            "responses": {"202": _json({"type": "object"}, "Loading"), **_errors(400, 401)}}},
+    }
+    return {"openapi": "3.0.3",
+            "info": {"title": "E-commerce support chat", "version": "1.0.0",
+                     "description": "Chat with the released support model. Conversations are reachable only with "
+                                    "their id and the client token returned at creation."},
+            "paths": paths,
+            "components": {"schemas": schemas, "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}}}}

@@ -1,0 +1,74 @@
+"""From a conversation's history to prompt token ids: the tokenizer's chat template, trimmed to the context window.
+
+User text is data, never markup. When a message contains a string that the tokenizer would read as a control token
+(``</s>``, ``<|user|>``, ``<|im_start|>``...), the prompt is tokenized piece by piece: the template's own text with
+special tokens recognised, every message's content with ``split_special_tokens=True``, so the typed ``</s>`` becomes
+ordinary sub-word pieces. Otherwise the whole rendered prompt is tokenized in one go, exactly like training did.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+
+class PromptTooLong(ValueError):
+    pass
+
+
+def _control_strings(tokenizer) -> list[str]:
+    names = set(tokenizer.all_special_tokens)
+    names.update(t.content if hasattr(t, "content") else str(t) for t in tokenizer.added_tokens_decoder.values())
+    return sorted((n for n in names if n), key=len, reverse=True)
+
+
+def contains_control(tokenizer, text: str) -> bool:
+    return any(c in text for c in _control_strings(tokenizer))
+
+
+def _bos(tokenizer, ids: list[int]) -> list[int]:
+    from tasks.generation import _adds_bos
+
+    bos = tokenizer.bos_token_id
+    return [bos, *ids] if _adds_bos(tokenizer) and ids[:1] != [bos] else ids
+
+
+def encode_conversation(tokenizer, messages: list[dict]) -> list[int]:
+    """Prompt ids for messages (ending with a user turn), ready for the assistant's answer."""
+    msgs = [{"role": m["role"], "content": m["content"].strip()} for m in messages]
+    if not any(contains_control(tokenizer, m["content"]) for m in msgs):
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return _bos(tokenizer, list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    nonce = secrets.token_hex(8)
+    marks = [f"\ue000{nonce}{i}\ue001" for i in range(len(msgs))]
+    text = tokenizer.apply_chat_template([{**m, "content": mark} for m, mark in zip(msgs, marks, strict=True)],
+                                         tokenize=False, add_generation_prompt=True)
+    ids: list[int] = []
+    for piece in re.split(f"(\ue000{nonce}\\d+\ue001)", text):
+        if not piece:
+            continue
+        if piece in marks:
+            content = msgs[marks.index(piece)]["content"]
+            ids += tokenizer(content, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        else:
+            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+    return _bos(tokenizer, ids)
+
+
+def build_prompt(tokenizer, system_prompt: str, history: list[dict], budget: int) -> tuple[list[int], int]:
+    """(prompt ids, turns dropped): the system prompt, then as many of the latest turns as fit in ``budget`` tokens.
+
+    History is oldest first and ends with the new user message. Whole user/assistant exchanges are dropped from the
+    oldest end, so the prompt never starts with a dangling assistant answer.
+    """
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    turns = list(history)
+    dropped = 0
+    while True:
+        ids = encode_conversation(tokenizer, system + turns)
+        if len(ids) <= budget:
+            return ids, dropped
+        if len(turns) <= 1:
+            raise PromptTooLong(f"the message needs {len(ids)} prompt tokens; the model's window leaves {budget}")
+        cut = 2 if len(turns) > 2 and turns[0]["role"] == "user" and turns[1]["role"] == "assistant" else 1
+        turns, dropped = turns[cut:], dropped + cut

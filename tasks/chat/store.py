@@ -1,0 +1,90 @@
+"""Conversations, messages and feedback in Postgres (the `platform` results database).
+
+A conversation id is 192 random bits; the client token returned with it is stored only as a SHA-256 hash, and every
+read or write needs both, so an id alone (in a log line, say) opens nothing. A wrong token reads exactly like an
+unknown id: 404.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+from sqlalchemy import insert, select
+
+from tasks import db, schema
+
+C, M, F = schema.conversations, schema.messages, schema.feedback
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_conversation(model_version: str | None) -> tuple[str, str]:
+    cid, token = secrets.token_urlsafe(24), secrets.token_urlsafe(32)
+    with db.engine().begin() as conn:
+        conn.execute(insert(C).values(id=cid, client_token_hash=token_hash(token), model_version=model_version))
+    return cid, token
+
+
+def owns(conversation_id: str, token: str | None) -> bool:
+    """True when the conversation exists and the token is the one issued with it (constant-time compare)."""
+    if not token or not conversation_id or len(conversation_id) > 64 or not conversation_id.isascii() \
+            or not conversation_id.isprintable():
+        return False
+    with db.engine().connect() as conn:
+        stored = conn.execute(select(C.c.client_token_hash).where(C.c.id == conversation_id)).scalar()
+    return stored is not None and hmac.compare_digest(stored, token_hash(token))
+
+
+def conversation(conversation_id: str) -> dict:
+    with db.engine().connect() as conn:
+        conv = conn.execute(select(C).where(C.c.id == conversation_id)).mappings().one()
+        rows = conn.execute(select(M, F.c.rating).select_from(M.outerjoin(F, F.c.message_id == M.c.id))
+                            .where(M.c.conversation_id == conversation_id).order_by(M.c.id)).mappings().all()
+    return {"id": conv["id"], "created_at": conv["created_at"].isoformat(), "model_version": conv["model_version"],
+            "messages": [message_json(r) for r in rows]}
+
+
+def message_json(r) -> dict:
+    out = {"id": r["id"], "role": r["role"], "content": r["content"], "model_version": r["model_version"],
+           "created_at": r["created_at"].isoformat()}
+    if r["role"] == "assistant":
+        out.update(latency_ms=r["latency_ms"], ttft_ms=r["ttft_ms"], prompt_tokens=r["prompt_tokens"],
+                   completion_tokens=r["completion_tokens"], finish_reason=r["finish_reason"],
+                   rating=r.get("rating"))
+    return out
+
+
+def history(conversation_id: str) -> list[dict]:
+    """The turns so far, oldest first, as chat-template messages."""
+    with db.engine().connect() as conn:
+        rows = conn.execute(select(M.c.role, M.c.content).where(M.c.conversation_id == conversation_id)
+                            .order_by(M.c.id)).all()
+    return [{"role": role, "content": content} for role, content in rows]
+
+
+def add_message(conversation_id: str, role: str, content: str, **values) -> dict:
+    with db.engine().begin() as conn:
+        row = conn.execute(insert(M).values(conversation_id=conversation_id, role=role, content=content, **values)
+                           .returning(M)).mappings().one()
+    return message_json({**row, "rating": None})
+
+
+def assistant_message(message_id: int, token: str | None) -> dict | None:
+    """The assistant message with this id when the token owns its conversation, else None."""
+    with db.engine().connect() as conn:
+        row = conn.execute(select(M.c.id, M.c.model_version, M.c.role, C.c.client_token_hash)
+                           .select_from(M.join(C, C.c.id == M.c.conversation_id))
+                           .where(M.c.id == message_id)).mappings().first()
+    if not row or row["role"] != "assistant" or not token:
+        return None
+    return dict(row) if hmac.compare_digest(row["client_token_hash"], token_hash(token)) else None
+
+
+def rate(message_id: int, rating: int, model_version: str | None) -> None:
+    with db.engine().begin() as conn:
+        db.upsert(conn, F, {"message_id": message_id, "rating": rating, "model_version": model_version},
+                  keys=("message_id",))

@@ -1,0 +1,45 @@
+"""The chat page and the security headers every response carries."""
+
+from __future__ import annotations
+
+from flask import Blueprint, current_app, jsonify, render_template, request
+from werkzeug.exceptions import HTTPException
+
+bp = Blueprint("web", __name__, template_folder="templates", static_folder="static", static_url_path="/static")
+
+# No inline script or style anywhere: the page's JS and CSS are files, so the policy can forbid everything else.
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
+@bp.get("/")
+def index():
+    return render_template("index.html")
+
+
+def install_headers(app) -> None:
+    origins = set(app.config["ECB"].chat.cors_origins)
+
+    @app.after_request
+    def headers(resp):
+        resp.headers.setdefault("Content-Security-Policy", CSP)
+        resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+        resp.headers.setdefault("X-Frame-Options", "DENY")
+        resp.headers.setdefault("Referrer-Policy", "no-referrer")
+        resp.headers.setdefault("Cross-Origin-Opener-Policy", "same-origin")
+        origin = request.headers.get("Origin")
+        if origin and origin in origins:  # CORS is off unless chat.cors_origins names the origin
+            resp.headers["Access-Control-Allow-Origin"] = origin
+            resp.headers["Access-Control-Allow-Headers"] = "Content-Type, X-Client-Token"
+            resp.headers["Vary"] = "Origin"
+        return resp
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        # JSON errors for the API (the status code's own text; never the request echoed back)
+        return jsonify(error=exc.description or exc.name), exc.code
+
+    @app.errorhandler(Exception)
+    def crash(exc: Exception):
+        current_app.logger.exception("unhandled error on %s %r", request.method, request.path[:200])
+        return jsonify(error="internal error"), 500
