@@ -1,8 +1,9 @@
 """One mechanism for every ML step: build the task that runs ``python -m tasks <step>``.
 
-The DAG names steps; this module decides how they execute (``local`` subprocess today; Docker and Kubernetes
-behind the same factory). Settings reach the step as environment built from Airflow connections, so no secret is
-ever in a command line, a template or a log. The step's JSON manifest (its last stdout line) becomes the XCom.
+The DAG names steps; this module decides how they execute: a ``local`` subprocess, or (``ecb_airflow.execution``)
+a Docker container or Kubernetes pod of the step image, chosen by configuration with no change to the DAG.
+Settings reach the step as environment built from Airflow connections, so no secret is ever in a command line, a
+template or a log. The step's JSON manifest (its last stdout line) becomes the XCom.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from datetime import timedelta
 
 from airflow.sdk import BaseOperator, Context
 
+from ecb_airflow.execution import container_operator
 from tasks.config import iter_fields, load_config
 
 # Airflow connection id -> how it becomes step environment (None when the connection is not defined).
@@ -149,13 +151,19 @@ class LocalStepOperator(BaseOperator):
                            self.execution_timeout)
 
 
+def _operator(step_name: str, gpu: bool) -> tuple[type, dict]:
+    """The operator class for the configured execution mode and the arguments that mode adds."""
+    return container_operator(step_name, gpu) or (LocalStepOperator, {})
+
+
 def step(step_name: str, *, task_id: str | None = None, inputs: dict | None = None, gpu: bool = False,
          timeout: timedelta | None = None, **kwargs) -> BaseOperator:
     """The single factory the DAG uses for every step. GPU steps take a slot from the ``gpu`` pool."""
     if gpu:
         kwargs.setdefault("pool", "gpu")
-    return LocalStepOperator(task_id=task_id or step_name, step=step_name, inputs=inputs,
-                             execution_timeout=timeout, **kwargs)
+    cls, extra = _operator(step_name, gpu)
+    return cls(task_id=task_id or step_name, step=step_name, inputs=inputs, execution_timeout=timeout,
+               **{**extra, **kwargs})
 
 
 def mapped_step(step_name: str, expand_inputs, *, task_id: str | None = None, gpu: bool = False,
@@ -163,5 +171,6 @@ def mapped_step(step_name: str, expand_inputs, *, task_id: str | None = None, gp
     """The same step, dynamically mapped: one task instance per element (a dict of inputs) of expand_inputs."""
     if gpu:
         kwargs.setdefault("pool", "gpu")
-    return LocalStepOperator.partial(task_id=task_id or step_name, step=step_name, execution_timeout=timeout,
-                                     **kwargs).expand(inputs=expand_inputs)
+    cls, extra = _operator(step_name, gpu)
+    return cls.partial(task_id=task_id or step_name, step=step_name, execution_timeout=timeout,
+                       **{**extra, **kwargs}).expand(inputs=expand_inputs)

@@ -1,0 +1,225 @@
+"""One step definition, three executions: the DAG parsed in local, docker and kubernetes mode yields operators that
+run the same command, with the image, environment, GPU requests, pool and secret names the config asks for."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+from contextlib import contextmanager
+from datetime import datetime
+
+import pytest
+
+from tests.conftest import REPO, SETTINGS
+
+DAG_ID = "ecommerce_chatbot_training"
+PARAMS = {"data.max_rows": 50, "hpo.n_trials": 2, "force_retrain": True}
+SECRET_VALUES = [SETTINGS["s3_secret_key"], SETTINGS["pg_password"], SETTINGS["chat_admin_token"]]
+
+
+@contextmanager
+def environ(**values: str | None):
+    old = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        yield
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def parse(mode: str, variable: dict | None = None):
+    from airflow.dag_processing.dagbag import DagBag
+
+    with environ(ECB_EXECUTION_MODE=mode, AIRFLOW_VAR_ECB_EXECUTION=json.dumps(variable) if variable else None):
+        bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert bag.import_errors == {}
+    return bag.dags[DAG_ID]
+
+
+def step_tasks(dag) -> dict:
+    """task_id -> a real operator instance for every step task (mapped ones unmapped as a worker would)."""
+    out = {}
+    for task in dag.tasks:
+        if task.task_id == "hpo_trial":
+            task = task.unmap({"inputs": {"slot": "0", "snapshot_uri": "s3://ecb-platform/snapshots/x/"}})
+        if hasattr(task, "step"):
+            out[task.task_id] = task
+    return out
+
+
+@pytest.fixture(scope="module")
+def modes():
+    return {mode: step_tasks(parse(mode)) for mode in ("local", "docker", "kubernetes")}
+
+
+@pytest.fixture(scope="module")
+def gpu_steps(modes) -> set[str]:
+    return {tid for tid, op in modes["local"].items() if op.pool == "gpu"}
+
+
+def rendered_fields(op) -> str:
+    return json.dumps({f: getattr(op, f) for f in op.template_fields}, default=str)
+
+
+def test_every_step_task_exists_in_every_mode(modes, gpu_steps):
+    assert set(modes["local"]) >= {"sync_raw_data", "prepare_chatml", "plan_hpo", "hpo_trial", "select_best",
+                                   "finetune", "evaluate", "register_model", "push_to_hub"}
+    assert set(modes["docker"]) == set(modes["kubernetes"]) == set(modes["local"])
+    assert gpu_steps == {"hpo_trial", "finetune", "evaluate"}
+    assert {type(op).__name__ for op in modes["local"].values()} == {"LocalStepOperator"}
+    assert {type(op).__name__ for op in modes["docker"].values()} == {"DockerStepOperator"}
+    assert {type(op).__name__ for op in modes["kubernetes"].values()} == {"KubernetesStepOperator"}
+
+
+def test_containers_run_the_local_command(modes):
+    """The container argv is the local argv after `python -m tasks`, from the same params and upstream inputs."""
+    from ecb_airflow.execution import ENTRYPOINT, step_arguments
+
+    context = {"run_id": "manual__2026-01-01", "params": PARAMS}
+    for tid, local in modes["local"].items():
+        argv = local.command(context["run_id"], PARAMS)
+        assert argv[1:3] == ["-m", "tasks"] and argv[3] == local.step
+        for mode in ("docker", "kubernetes"):
+            op = modes[mode][tid]
+            assert (op.step, op.inputs, op.overrides) == (local.step, local.inputs, local.overrides)
+            assert step_arguments(op.step, context, op.inputs, op.overrides) == argv[3:]
+        assert modes["docker"][tid].entrypoint == list(ENTRYPOINT)
+        assert modes["kubernetes"][tid].cmds == list(ENTRYPOINT)
+    trial = modes["docker"]["hpo_trial"]
+    assert step_arguments("hpo_trial", context, trial.inputs, {})[-4:] == [
+        "--input", "slot=0", "--input", "snapshot_uri=s3://ecb-platform/snapshots/x/"]
+
+
+def test_docker_operators(modes, gpu_steps):
+    from ecb_airflow.execution import SECRET_ENV, STEP_ENV
+
+    for tid, op in modes["docker"].items():
+        assert op.image == "ecb-gpu:latest" and op.network_mode == "ecb"
+        assert op.docker_url == "unix://var/run/docker.sock"
+        assert op.environment == STEP_ENV and not set(op.environment) & set(SECRET_ENV)
+        assert op._private_environment == {}  # secrets are added when the task runs, never at parse time
+        assert [(m["Target"], m["Source"], m["Type"]) for m in op.mounts][0] == ("/cache", "ecb-cache", "volume")
+        assert (op.auto_remove, op.mount_tmp_dir, op.xcom_all, op.shm_size) == ("success", False, True, 2048 * 2**20)
+        if tid in gpu_steps:
+            assert [(d["Count"], d["Capabilities"]) for d in op.device_requests] == [(1, [["gpu"]])]
+            assert op.pool == "gpu" and op.pool_slots == 1
+        else:
+            assert op.device_requests is None and op.pool == "default_pool"
+        assert not any(v in rendered_fields(op) for v in SECRET_VALUES)
+
+
+def test_kubernetes_operators_and_pod_spec(modes, gpu_steps):
+    from ecb_airflow.execution import STEP_ENV, step_arguments
+
+    for tid, op in modes["kubernetes"].items():
+        assert (op.image, op.namespace, op.image_pull_policy) == ("ecb-gpu:latest", "ecb", "IfNotPresent")
+        assert op.service_account_name == "ecb-steps" and op.do_xcom_push is True
+        assert [(s.deploy_type, s.secret, s.key) for s in op.secrets] == [("env", "ecb-step-secrets", None)]
+        op.arguments = step_arguments(op.step, {"run_id": "r1", "params": {}}, op.inputs, op.overrides)
+        pod = op.build_pod_request_obj(dry_run=True)
+        main = pod.spec.containers[0]
+        assert main.command == ["python", "-m", "tasks"] and main.args[:3] == [op.step, "--run-id", "r1"]
+        assert {e.name: e.value for e in main.env} == STEP_ENV
+        assert [(f.config_map_ref and f.config_map_ref.name, f.secret_ref and f.secret_ref.name)
+                for f in main.env_from] == [("ecb-step-config", None), (None, "ecb-step-secrets")]
+        # /airflow/xcom is the provider's sidecar volume: the step's return.json becomes the XCom.
+        assert {m.name: m.mount_path for m in main.volume_mounts} == {"cache": "/cache", "xcom": "/airflow/xcom"}
+        volumes = {v.name: v for v in pod.spec.volumes}
+        assert volumes["cache"].persistent_volume_claim.claim_name == "ecb-model-cache"
+        assert main.security_context.run_as_user == 1000 and main.security_context.run_as_non_root
+        if tid in gpu_steps:
+            assert main.resources.limits == {"nvidia.com/gpu": "1"} and op.pool == "gpu"
+            assert pod.spec.node_selector == {"nvidia.com/gpu.present": "true"}
+            assert [(t.key, t.operator, t.effect) for t in pod.spec.tolerations] == [
+                ("nvidia.com/gpu", "Exists", "NoSchedule")]
+        else:
+            assert main.resources is None and not pod.spec.node_selector and op.pool == "default_pool"
+        spec = json.dumps(pod.to_dict(), default=str)
+        assert not any(v in spec for v in SECRET_VALUES)  # only the Secret's name is in the pod spec
+
+
+def test_variable_sets_image_and_gpus_per_step():
+    """The Airflow Variable ecb_execution (here from the environment secrets backend) reaches every operator."""
+    dag = parse("kubernetes", {"image": "registry.example/ecb-gpu:7", "step_gpus": {"finetune": 2},
+                               "image_pull_policy": "Always", "k8s_cache_pvc": ""})
+    ops = step_tasks(dag)
+    assert {op.image for op in ops.values()} == {"registry.example/ecb-gpu:7"}
+    assert ops["finetune"].container_resources.limits == {"nvidia.com/gpu": "2"} and ops["finetune"].pool_slots == 2
+    assert ops["evaluate"].container_resources.limits == {"nvidia.com/gpu": "1"} and ops["evaluate"].pool_slots == 1
+    assert ops["finetune"].image_pull_policy == "Always"
+    assert ops["finetune"].volumes[0].empty_dir is not None
+
+
+def test_mode_precedence_env_over_variable_over_config(tmp_path):
+    from ecb_airflow.execution import settings
+    from tasks.config import ConfigError
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("execution:\n  mode: docker\n  docker_network: lab\n")
+    with environ(ECB_CONFIG=str(cfg), ECB_EXECUTION_MODE=None, AIRFLOW_VAR_ECB_EXECUTION=None):
+        assert (settings().mode, settings().docker_network) == ("docker", "lab")
+        with environ(AIRFLOW_VAR_ECB_EXECUTION='{"mode": "kubernetes"}'):
+            assert settings().mode == "kubernetes"
+            with environ(ECB_EXECUTION_MODE="local"):
+                assert settings().mode == "local"
+        with environ(ECB_EXECUTION_MODE="swarm"), pytest.raises(ConfigError, match="execution.mode"):
+            settings()
+
+
+def test_docker_step_env_at_run_time_comes_from_connections():
+    """What a Docker step container receives when its task runs: the worker's connections and step settings."""
+    from ecb_airflow.execution import SECRET_ENV, SETTING_ENV, container_env
+
+    env = container_env()
+    assert env["AWS_ACCESS_KEY_ID"] == SETTINGS["s3_access_key"]
+    assert env["AWS_SECRET_ACCESS_KEY"] == SETTINGS["s3_secret_key"]
+    assert env["ECB_S3_ENDPOINT_URL"] == f"http://127.0.0.1:{SETTINGS['s3_port']}"
+    assert env["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{SETTINGS['mlflow_port']}"
+    assert env["ECB_RESULTS_DB_URL"].startswith("postgresql://") and env["ECB_RESULTS_DB_URL"].endswith("/platform")
+    assert env["ECB_OPTUNA_DB_URL"] == os.environ["ECB_OPTUNA_DB_URL"]
+    assert set(env) <= set(SETTING_ENV) | set(SECRET_ENV)
+
+
+def _module_level_imports(path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in tree.body:  # top level only: imports inside functions run when their mode is chosen
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names.add(node.module or "")
+    return names
+
+
+def test_local_mode_imports_no_container_provider():
+    for name in ("steps.py", "execution.py"):
+        imports = _module_level_imports(REPO / "plugins" / "ecb_airflow" / name)
+        heavy = {m for m in imports if m.split(".")[0] in ("docker", "kubernetes")
+                 or m.startswith(("airflow.providers", "ecb_airflow.docker_step", "ecb_airflow.k8s_step"))}
+        assert heavy == set(), name
+
+
+def test_rollout_targets():
+    """What the deploy step restarts and polls in each container mode (tasks/rollout.py, no airflow)."""
+    from tasks import rollout
+    from tasks.config import load_config
+
+    ex = load_config().execution
+    assert rollout.chat_url(ex, "docker") == "http://chat:8000"
+    assert rollout.chat_url(ex, "kubernetes") == "http://chat.ecb.svc:8000"
+    assert rollout.compose_filters(ex) == {"label": ["com.docker.compose.project=ecb",
+                                                     "com.docker.compose.service=chat"]}
+    when = datetime.fromisoformat("2026-03-04T05:06:07+02:00")
+    annotations = {"kubectl.kubernetes.io/restartedAt": "2026-03-04T03:06:07Z"}  # UTC, as kubectl writes it
+    assert rollout.restart_patch(when) == {"spec": {"template": {"metadata": {"annotations": annotations}}}}
+    custom = load_config(overrides={"execution.chat_url": "https://chat.example/"}).execution
+    assert rollout.chat_url(custom, "kubernetes") == "https://chat.example"
+    with pytest.raises(ValueError, match="local"):
+        rollout.chat_url(ex, "local")
+    imported = {n.module if isinstance(n, ast.ImportFrom) else a.name
+                for n in ast.walk(ast.parse((REPO / "tasks" / "rollout.py").read_text()))
+                if isinstance(n, (ast.Import, ast.ImportFrom)) for a in getattr(n, "names", [])}
+    assert imported and not {m for m in imported if m.split(".")[0] == "airflow"}  # container side
