@@ -7,7 +7,7 @@ import os
 from airflow.providers.docker.operators.docker import DockerOperator
 from docker.types import DeviceRequest, Mount
 
-from ecb_airflow.execution import CACHE_DIR, ENTRYPOINT, STEP_ENV, STEP_UID, container_env, step_arguments
+from ecb_airflow.execution import CACHE_DIR, ENTRYPOINT, STEP_UID, container_env, run_time_env, step_arguments
 from ecb_airflow.steps import parse_manifest
 from tasks.config import ExecutionConfig
 
@@ -20,7 +20,7 @@ def docker_kwargs(step_name: str, gpus: int, ex: ExecutionConfig) -> dict:
     if step_name in ex.docker_socket_steps:  # the deploy step restarts the compose chat service
         mounts.append(Mount(target=DOCKER_SOCKET, source=DOCKER_SOCKET, type="bind"))
     return {
-        "image": ex.image, "entrypoint": list(ENTRYPOINT), "environment": dict(STEP_ENV),
+        "image": ex.image, "entrypoint": list(ENTRYPOINT), "environment": container_env(ex),
         "docker_url": ex.docker_url, "network_mode": ex.docker_network, "mounts": mounts,
         "device_requests": [DeviceRequest(count=gpus, capabilities=[["gpu"]])] if gpus else None,
         "force_pull": ex.image_pull_policy == "Always", "shm_size": ex.docker_shm_mb * 2**20,
@@ -44,7 +44,7 @@ class DockerStepOperator(DockerOperator):
     def execute(self, context) -> dict:
         self.command = step_arguments(self.step, context, self.inputs, self.overrides)
         # private_environment is neither templated nor rendered in the UI: the place for connection secrets.
-        self._private_environment = {**container_env(), **self._private_environment}
+        self._private_environment = {**run_time_env(), **self._private_environment}
         if any(m["Target"] == DOCKER_SOCKET for m in self.mounts) and os.path.exists(DOCKER_SOCKET):
             self.user = f"{STEP_UID}:{os.stat(DOCKER_SOCKET).st_gid}"  # the socket's group, not root
         lines = super().execute(context) or []

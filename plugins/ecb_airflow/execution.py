@@ -6,14 +6,16 @@ file. The Docker and Kubernetes providers are imported only when their mode is c
 mode stays as light as before.
 
 The container contract is the same in both container modes: entrypoint ``python -m tasks``, arguments
-``<step> --run-id R --set ... --input ...`` built when the task runs (as in local mode), environment = ``STEP_ENV``
-(nothing secret) plus the names in ``SETTING_ENV`` and ``SECRET_ENV``. Docker gets their values from the worker's
-Airflow connections at run time, outside every rendered field; Kubernetes from the ConfigMap and Secret named in the
-config, so the pod spec holds names, never values. The step's JSON manifest becomes the XCom.
+``<step> --run-id R --set ... --input ...`` built when the task runs (as in local mode; plus ``--set execution.*``
+for fields the Variable changed), environment = ``STEP_ENV`` and the mode (nothing secret) plus the names in
+``SETTING_ENV`` and ``SECRET_ENV``. Docker gets their values from the worker's Airflow connections at run time,
+outside every rendered field; Kubernetes from the ConfigMap and Secret named in the config, so the pod spec holds
+names, never values. The step's JSON manifest becomes the XCom.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -72,13 +74,27 @@ def gpus_for(step_name: str, gpu: bool, ex: ExecutionConfig) -> int:
     return int(ex.step_gpus.get(step_name, ex.gpus_per_step)) if gpu else 0
 
 
+def container_env(ex: ExecutionConfig) -> dict[str, str]:
+    """The non-secret environment of a step container; the mode tells the deploy step how to roll out."""
+    return {**STEP_ENV, "ECB_EXECUTION_MODE": ex.mode}
+
+
+def changed_settings(ex: ExecutionConfig) -> dict:
+    """execution.* values the Variable changed from the config file, passed on as ``--set`` so the step in its
+    container resolves the same ones (the deploy step restarts the chat service they name)."""
+    base = dataclasses.asdict(load_config().execution)
+    return {f"execution.{k}": v for k, v in dataclasses.asdict(ex).items() if k != "mode" and v != base[k]}
+
+
 def container_operator(step_name: str, gpu: bool) -> tuple[type, dict] | None:
     """(operator class, its arguments) for the configured container mode; None in local mode."""
     ex = settings()
     if ex.mode == "local":
         return None
     gpus = gpus_for(step_name, gpu, ex)
-    extra = {"pool_slots": gpus} if gpus > 1 else {}  # the gpu pool has one slot per device
+    extra = {"overrides": changed_settings(ex)}
+    if gpus > 1:
+        extra["pool_slots"] = gpus  # the gpu pool has one slot per device
     if ex.mode == "docker":
         from ecb_airflow import docker_step
 
@@ -95,7 +111,7 @@ def step_arguments(step_name: str, context, inputs: dict, overrides: dict) -> li
     return build_command(step_name, context["run_id"], dict(context["params"]), inputs, overrides)[3:]
 
 
-def container_env() -> dict[str, str]:
+def run_time_env() -> dict[str, str]:
     """Values of the step settings and secrets for a container, read when the task runs: the worker's environment,
     then its Airflow connections (as in local mode)."""
     from ecb_airflow.steps import _conn_env

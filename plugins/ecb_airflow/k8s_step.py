@@ -6,7 +6,7 @@ from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperato
 from airflow.providers.cncf.kubernetes.secret import Secret
 from kubernetes.client import models as k8s
 
-from ecb_airflow.execution import CACHE_DIR, ENTRYPOINT, STEP_ENV, STEP_UID, step_arguments
+from ecb_airflow.execution import CACHE_DIR, ENTRYPOINT, STEP_UID, container_env, step_arguments
 from tasks.config import ExecutionConfig
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -24,7 +24,7 @@ def pod_kwargs(step_name: str, gpus: int, ex: ExecutionConfig) -> dict:
     (envFrom), so no value is in the pod spec; GPU steps get the GPU limit, node selector and tolerations."""
     kwargs = {
         "name": f"ecb-{step_name.replace('_', '-')}", "namespace": ex.k8s_namespace, "image": ex.image,
-        "image_pull_policy": ex.image_pull_policy, "cmds": list(ENTRYPOINT), "env_vars": dict(STEP_ENV),
+        "image_pull_policy": ex.image_pull_policy, "cmds": list(ENTRYPOINT), "env_vars": container_env(ex),
         "configmaps": [ex.k8s_config_map], "secrets": [Secret("env", None, ex.k8s_secret)],
         "service_account_name": ex.k8s_service_account, "kubernetes_conn_id": ex.k8s_conn_id,
         "image_pull_secrets": [k8s.V1LocalObjectReference(name=n) for n in ex.k8s_image_pull_secrets],

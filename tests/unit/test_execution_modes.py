@@ -99,9 +99,14 @@ def test_docker_operators(modes, gpu_steps):
     for tid, op in modes["docker"].items():
         assert op.image == "ecb-gpu:latest" and op.network_mode == "ecb"
         assert op.docker_url == "unix://var/run/docker.sock"
-        assert op.environment == STEP_ENV and not set(op.environment) & set(SECRET_ENV)
+        assert op.environment == {**STEP_ENV, "ECB_EXECUTION_MODE": "docker"}
+        assert not set(op.environment) & set(SECRET_ENV)
         assert op._private_environment == {}  # secrets are added when the task runs, never at parse time
-        assert [(m["Target"], m["Source"], m["Type"]) for m in op.mounts][0] == ("/cache", "ecb-cache", "volume")
+        mounts = [(m["Target"], m["Source"], m["Type"]) for m in op.mounts]
+        assert mounts[0] == ("/cache", "ecb-cache", "volume")
+        # Only the deploy step gets the Docker socket (it restarts the compose chat service).
+        socket = ("/var/run/docker.sock", "/var/run/docker.sock", "bind")
+        assert (socket in mounts) == (op.step == "deploy_chat_service"), tid
         assert (op.auto_remove, op.mount_tmp_dir, op.xcom_all, op.shm_size) == ("success", False, True, 2048 * 2**20)
         if tid in gpu_steps:
             assert [(d["Count"], d["Capabilities"]) for d in op.device_requests] == [(1, [["gpu"]])]
@@ -122,7 +127,7 @@ def test_kubernetes_operators_and_pod_spec(modes, gpu_steps):
         pod = op.build_pod_request_obj(dry_run=True)
         main = pod.spec.containers[0]
         assert main.command == ["python", "-m", "tasks"] and main.args[:3] == [op.step, "--run-id", "r1"]
-        assert {e.name: e.value for e in main.env} == STEP_ENV
+        assert {e.name: e.value for e in main.env} == {**STEP_ENV, "ECB_EXECUTION_MODE": "kubernetes"}
         assert [(f.config_map_ref and f.config_map_ref.name, f.secret_ref and f.secret_ref.name)
                 for f in main.env_from] == [("ecb-step-config", None), (None, "ecb-step-secrets")]
         # /airflow/xcom is the provider's sidecar volume: the step's return.json becomes the XCom.
@@ -151,6 +156,13 @@ def test_variable_sets_image_and_gpus_per_step():
     assert ops["evaluate"].container_resources.limits == {"nvidia.com/gpu": "1"} and ops["evaluate"].pool_slots == 1
     assert ops["finetune"].image_pull_policy == "Always"
     assert ops["finetune"].volumes[0].empty_dir is not None
+    # The step in its pod resolves the same execution settings (the deploy step rolls out what they name).
+    from ecb_airflow.execution import step_arguments
+
+    argv = step_arguments("register_model", {"run_id": "r", "params": {}}, {}, ops["register_model"].overrides)
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--set"] == [
+        'execution.image="registry.example/ecb-gpu:7"', 'execution.image_pull_policy="Always"',
+        'execution.step_gpus={"finetune": 2}', 'execution.k8s_cache_pvc=""']
 
 
 def test_mode_precedence_env_over_variable_over_config(tmp_path):
@@ -171,9 +183,9 @@ def test_mode_precedence_env_over_variable_over_config(tmp_path):
 
 def test_docker_step_env_at_run_time_comes_from_connections():
     """What a Docker step container receives when its task runs: the worker's connections and step settings."""
-    from ecb_airflow.execution import SECRET_ENV, SETTING_ENV, container_env
+    from ecb_airflow.execution import SECRET_ENV, SETTING_ENV, run_time_env
 
-    env = container_env()
+    env = run_time_env()
     assert env["AWS_ACCESS_KEY_ID"] == SETTINGS["s3_access_key"]
     assert env["AWS_SECRET_ACCESS_KEY"] == SETTINGS["s3_secret_key"]
     assert env["ECB_S3_ENDPOINT_URL"] == f"http://127.0.0.1:{SETTINGS['s3_port']}"
