@@ -8,7 +8,8 @@
 4. `plan_hpo` -> `hpo_trial` (one mapped task per Optuna trial, `gpu` pool) -> `select_best` -> `finetune`
    (LoRA / QLoRA, resumable from S3 checkpoints).
 5. `evaluate` scores the candidate and the registry's champion on the same test split; `quality_gate` (read its
-   log for why a model was or was not released) branches to `register_model` -> `push_to_hub`, or `skip_release`.
+   log for why a model was or was not released) branches to `register_model` -> `push_to_hub` ->
+   `deploy_chat_service` (starts or hot-reloads the chat service, smoke-tests it), or `skip_release`.
 
 Every step is `python -m tasks <step>` run by one step mechanism (`ecb_airflow.steps`); XCom carries only the
 small JSON manifests the steps print.
@@ -98,8 +99,11 @@ def ecommerce_chatbot_training():
     register = step("register_model", timeout=timeout, inputs={
         **tuned, "snapshot_id": from_step("prepare_chatml", "snapshot_id"),
         "decision_id": "{{ ti.xcom_pull(task_ids='quality_gate', key='decision')['decision_id'] }}"})
-    push = step("push_to_hub", timeout=timeout, inputs={"adapter_uri": from_step("finetune", "adapter_uri"),
-                                                         "registry_version": from_step("register_model", "version")})
+    version = {"registry_version": from_step("register_model", "version")}
+    push = step("push_to_hub", timeout=timeout, inputs={"adapter_uri": from_step("finetune", "adapter_uri"), **version})
+    # Runs after a push that was skipped for lack of a token too (that push succeeds), never after skip_release.
+    deploy = step("deploy_chat_service", timeout=timeout,
+                  inputs={**version, "snapshot_id": from_step("prepare_chatml", "snapshot_id")})
 
     @task
     def skip_release(ti=None) -> None:
@@ -110,7 +114,7 @@ def ecommerce_chatbot_training():
         logging.getLogger("airflow.task").info("No release: %s", decision["summary"])
 
     sync >> prep >> changed >> plan >> trials >> best >> tune >> evaluate >> gate
-    gate >> register >> push
+    gate >> register >> push >> deploy
     gate >> skip_release()
 
 

@@ -32,6 +32,7 @@ STEPS = {
     "quality_gate": "tasks.quality_gate",
     "register_model": "tasks.registry",
     "push_to_hub": "tasks.push_to_hub",
+    "deploy_chat_service": "tasks.deploy_chat",
 }
 
 K8S_XCOM_PATH = Path("/airflow/xcom/return.json")

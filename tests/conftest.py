@@ -31,6 +31,7 @@ from tasks import stack  # noqa: E402
 
 SETTINGS = stack.init_settings(airflow_port=stack.free_port())
 os.environ.update(stack.stack_env(SETTINGS))
+os.environ["ECB_CHAT_PORT"] = str(stack.free_port())  # never the demo's 8000: a demo stack may be running
 os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "plugins"), os.environ.get("PYTHONPATH", "")])
 
 

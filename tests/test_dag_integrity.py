@@ -54,6 +54,10 @@ def test_pipeline_shape(dagbag):
     assert dag.get_task("hpo_trial").pool == "gpu" and dag.get_task("finetune").pool == "gpu"
     assert dag.get_task("select_best").trigger_rule == "all_done"  # failed/pruned trials must not block it
     assert dag.get_task("finetune").upstream_task_ids == {"select_best"}
+    # The deploy step is the last task: after the push (skipped pushes succeed), never after skip_release.
+    assert dag.get_task("deploy_chat_service").upstream_task_ids == {"push_to_hub"}
+    assert dag.get_task("deploy_chat_service").downstream_task_ids == set()
+    assert dag.get_task("quality_gate").downstream_task_ids == {"register_model", "skip_release"}
 
 
 def test_parsing_dags_imports_no_ml_libraries():

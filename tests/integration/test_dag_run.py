@@ -6,6 +6,7 @@ Sizes come from tests/ecb_test_config.yaml (3 HPO trials, short fine-tune) and t
 import shutil
 
 import pytest
+import requests
 from sqlalchemy import func, insert, select
 
 from tasks import datagen, db, s3, schema
@@ -40,7 +41,7 @@ def run_dag(dagbag, conf):
 
 
 def test_dag_syncs_prepares_and_is_idempotent(services, airflow_db, mlflow_server, dagbag, source, tiny_base_model,
-                                              uid):
+                                              uid, chat_service):
     conf = {"data.source": str(source), "model.base_model": str(tiny_base_model),
             "release.registered_model": f"dagrun-{uid}"}
     first = run_dag(dagbag, conf)
@@ -57,6 +58,7 @@ def test_dag_syncs_prepares_and_is_idempotent(services, airflow_db, mlflow_serve
     assert count(schema.snapshots, schema.snapshots.c.snapshot_id == prep["snapshot_id"]) == 1
     assert first.get_task_instance("data_or_params_changed").state == "success"
     check_hpo_and_finetune(first)
+    check_release_and_deploy(first)
 
     # The rest of this test is about the data path: no search, a token training and evaluation to save time.
     conf.update({"hpo.enabled": False, "training.max_steps": 2, "eval.max_examples": 4})
@@ -84,6 +86,37 @@ def test_dag_syncs_prepares_and_is_idempotent(services, airflow_db, mlflow_serve
     finally:
         with db.engine().begin() as conn:
             conn.execute(schema.releases.delete().where(schema.releases.c.run_id == f"release-{uid}"))
+
+
+@pytest.fixture
+def chat_service():
+    """The chat service the DAG's last task starts (detached gunicorn): stopped when the test ends."""
+    from tasks import stack
+
+    yield stack.CHAT
+    stack.CHAT.stop(timeout=20)
+
+
+def check_release_and_deploy(dagrun):
+    """No champion yet, so the gate releases; the last task deploys the chat service, which answers with the
+    version just registered (the push was skipped: no HF token in this test)."""
+    gate = dagrun.get_task_instance("quality_gate").xcom_pull(task_ids="quality_gate", key="decision")
+    assert gate["release"] is True, gate
+    version = xcom(dagrun, "register_model")["version"]
+    assert xcom(dagrun, "push_to_hub")["status"] == "skipped"
+    deployed = xcom(dagrun, "deploy_chat_service")
+    assert deployed["version"] == version and deployed["mode"] == "local"
+    url = deployed["service_url"]
+    conv = requests.post(f"{url}/api/conversations", json={}, timeout=10).json()
+    reply = requests.post(f"{url}/api/conversations/{conv['conversation_id']}/messages",
+                          json={"content": "How do I return an item?"},
+                          headers={"X-Client-Token": conv["client_token"]}, timeout=60)
+    assert reply.status_code == 200 and reply.json()["message"]["model_version"] == version
+    info = requests.get(f"{url}/api/model", timeout=10).json()
+    assert info["lineage"]["dag_run_id"] == dagrun.run_id and info["lineage"]["gate_decision"]["release"] is True
+    with db.engine().connect() as conn:
+        row = conn.execute(select(schema.releases).where(schema.releases.c.run_id == dagrun.run_id)).mappings().one()
+    assert row["status"] == "deployed" and row["service_url"] == url and row["registry_version"] == version
 
 
 def check_hpo_and_finetune(dagrun):

@@ -1,0 +1,224 @@
+"""Load test of the chat service over real HTTP: streaming clients, time to first token, tokens/s, errors.
+
+    python -m bench chat                                    # starts its own service (gunicorn) on a demo-size model
+    python -m bench chat --url http://127.0.0.1:8000        # an already running service (e.g. after `make demo`)
+    python -m bench chat --clients 1,8,32 --seconds 20 --reload-at 10   # admin reload in the middle of each level
+
+Each client loops for the fixed time: open a conversation, send a real customer question (Bitext sample when present)
+with ``stream: true``, read the Server-Sent Events to the end. Time to first token (TTFT) is measured at the first
+``token`` event; tokens come from the stored reply's ``completion_tokens``. Any non-200 answer, ``error`` event or
+broken stream counts as an error. Writes bench/out/chat.json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "bench" / "out"
+BITEXT = REPO.parent / "shared" / "data" / "bitext_customer_support_sample.csv"
+
+
+def questions(n: int = 200) -> list[str]:
+    import csv
+
+    from tasks import datagen
+
+    if BITEXT.exists():
+        rows = list(csv.DictReader(BITEXT.open(encoding="utf-8")))
+    else:
+        rows = datagen.generate_rows(n, seed=3)
+    return [r["instruction"] for r in rows[:n]]
+
+
+def one_chat(session, url: str, question: str) -> dict:
+    """One streamed reply: {'ok', 'ttft', 'seconds', 'tokens', 'version'}."""
+    t0 = time.perf_counter()
+    conv = session.post(f"{url}/api/conversations", json={}, timeout=30)
+    if conv.status_code != 201:
+        return {"ok": False, "error": f"create HTTP {conv.status_code}"}
+    c = conv.json()
+    t1 = time.perf_counter()
+    r = session.post(f"{url}/api/conversations/{c['conversation_id']}/messages", stream=True, timeout=300,
+                     json={"content": question, "stream": True}, headers={"X-Client-Token": c["client_token"]})
+    if r.status_code != 200:
+        return {"ok": False, "error": f"message HTTP {r.status_code}"}
+    ttft, event, done = None, None, None
+    for line in r.iter_lines(chunk_size=None, decode_unicode=True):  # chunk_size=None: as each event arrives
+        if line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("data: "):
+            if event == "token" and ttft is None:
+                ttft = time.perf_counter() - t1
+            elif event == "done":
+                done = json.loads(line[6:])["message"]
+            elif event == "error":
+                return {"ok": False, "error": line[6:200]}
+    if done is None:
+        return {"ok": False, "error": "stream ended without a done event"}
+    return {"ok": True, "ttft": ttft if ttft is not None else time.perf_counter() - t1,
+            "seconds": time.perf_counter() - t1, "tokens": done["completion_tokens"], "version": done["model_version"],
+            "total": time.perf_counter() - t0}
+
+
+def run_level(url: str, clients: int, seconds: float, qs: list[str], reload_at: float | None = None,
+              admin_token: str | None = None) -> dict:
+    import requests
+
+    results: list[dict] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def client(k: int) -> None:
+        session = requests.Session()
+        i = k
+        while time.monotonic() < deadline:
+            try:
+                res = one_chat(session, url, qs[i % len(qs)])
+            except Exception as exc:  # a dropped connection is an error to count, not a crash
+                res = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:200]}
+            with lock:
+                results.append(res)
+            i += clients
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    reload_status = None
+    if reload_at is not None:
+        time.sleep(reload_at)
+        reload_status = requests.post(f"{url}/admin/reload", json={}, timeout=30,
+                                      headers={"Authorization": f"Bearer {admin_token}"}).status_code
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - started
+    ok = [r for r in results if r["ok"]]
+    ttfts = sorted(r["ttft"] * 1000 for r in ok)
+    tokens = sum(r["tokens"] for r in ok)
+    stream_tps = [r["tokens"] / max(r["seconds"] - r["ttft"], 1e-6) for r in ok if r["tokens"] > 1]
+    return {"clients": clients, "seconds": round(wall, 1), "replies": len(ok), "errors": len(results) - len(ok),
+            "ttft_p50_ms": _pct(ttfts, 50), "ttft_p95_ms": _pct(ttfts, 95),
+            "aggregate_tokens_per_s": tokens / wall, "per_stream_tokens_per_s": statistics.median(stream_tps)
+            if stream_tps else 0.0, "reload_http": reload_status,
+            "versions": sorted({r["version"] for r in ok}),
+            "error_samples": [r["error"] for r in results if not r["ok"]][:5]}
+
+
+def _pct(values: list[float], p: int) -> float:
+    if not values:
+        return float("nan")
+    k = min(len(values) - 1, max(0, round(p / 100 * (len(values) - 1))))
+    return values[k]
+
+
+class LocalService:
+    """The real service under gunicorn, on an embedded Postgres, serving a freshly built demo-size model."""
+
+    def __init__(self, size: str = "demo", max_new_tokens: int = 64):
+        self.size, self.max_new_tokens = size, max_new_tokens
+        self.tmp = tempfile.TemporaryDirectory(prefix="ecb-bench-chat-")
+        self.proc = None
+
+    def __enter__(self) -> str:
+        import subprocess
+
+        import yaml
+
+        os.environ.setdefault("ECB_STATE_DIR", str(REPO / ".ecb-bench"))
+        from tasks import db, stack
+
+        settings = stack.init_settings(airflow_port=stack.free_port())
+        stack.postgres_up(settings)
+        env = {**os.environ, **stack.stack_env(settings)}
+        os.environ["ECB_RESULTS_DB_URL"] = env["ECB_RESULTS_DB_URL"]
+        db.migrate()
+        model_dir = Path(self.tmp.name) / f"bench-{self.size}"
+        build_model(model_dir, self.size)
+        cfg_file = Path(self.tmp.name) / "chat.yaml"
+        cfg_file.write_text(yaml.safe_dump({"chat": {
+            "model_uri": str(model_dir), "max_new_tokens": self.max_new_tokens, "rate_limit_per_minute": 100000,
+            "create_limit_per_minute": 100000, "max_batch_size": 32}}))
+        port = stack.free_port()
+        self.admin = env["ECB_CHAT_ADMIN_TOKEN"]
+        env.update(ECB_CONFIG=str(cfg_file), ECB_LOG_LEVEL="WARNING")
+        from tasks.deploy_chat import gunicorn_argv
+
+        self.proc = subprocess.Popen(gunicorn_argv("127.0.0.1", port, 64), env=env, cwd=REPO,
+                                     stdout=subprocess.DEVNULL, stderr=open(Path(self.tmp.name) / "gunicorn.log", "wb"))
+        url = f"http://127.0.0.1:{port}"
+        stack.wait_for(lambda: stack.http_ok(f"{url}/readyz"), "chat service", 300,
+                       Path(self.tmp.name) / "gunicorn.log")
+        return url
+
+    def __exit__(self, *exc) -> None:
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+        self.tmp.cleanup()
+
+
+def build_model(out: Path, size: str) -> None:
+    """A demo-architecture chat model (the same builder as `make demo`), briefly pretrained so replies are text."""
+    from tasks import datagen, demo_model
+
+    rows = datagen.generate_rows(600, seed=1)
+    texts = [r["instruction"] for r in rows] + [r["response"] for r in rows]
+    tokenizer = demo_model.build_tokenizer(texts, vocab_size=2048 if size != "tiny" else 512)
+    model = demo_model.build_model(tokenizer, size=size)
+    demo_model.pretrain(model, tokenizer, texts, steps=30)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench chat", description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", help="A running service (default: start one on a demo-size model).")
+    p.add_argument("--clients", default="1,8,32", help="Concurrency levels, comma separated.")
+    p.add_argument("--seconds", type=float, default=15.0, help="Duration of each level.")
+    p.add_argument("--reload-at", type=float, default=None, help="Admin reload this many seconds into each level.")
+    p.add_argument("--size", default="demo", help="Model size when the bench starts its own service.")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    return p.parse_args(argv)
+
+
+def main(args=None) -> dict:
+    from contextlib import nullcontext
+
+    if not isinstance(args, argparse.Namespace) or not hasattr(args, "clients"):
+        args = parse(args if isinstance(args, list) else [])
+    qs = questions()
+    service = nullcontext(args.url) if args.url else LocalService(args.size, args.max_new_tokens)
+    with service as url:
+        admin = os.environ.get("ECB_CHAT_ADMIN_TOKEN") if args.url else service.admin
+        levels = [run_level(url, int(n), args.seconds, qs, args.reload_at, admin) for n in args.clients.split(",")]
+    rows = [{k: v for k, v in r.items() if k not in ("versions", "error_samples")} for r in levels]
+    print("\n### chat: streaming clients against the real HTTP service\n")
+    print(_table(rows))
+    for r in levels:
+        if r["error_samples"]:
+            print(f"errors at {r['clients']} clients: {r['error_samples']}")
+    OUT.mkdir(parents=True, exist_ok=True)
+    result = {"suite": "chat", "url": args.url or "local gunicorn", "levels": levels}
+    (OUT / "chat.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _table(rows: list[dict]) -> str:
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |"
+              for r in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

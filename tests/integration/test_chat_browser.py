@@ -1,0 +1,82 @@
+"""The chat page in headless Debian Chromium (Playwright with executable_path; no browser is downloaded).
+
+The app runs on a real HTTP server (werkzeug, threaded) on a free loopback port with the tiny test model.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import pytest
+
+from tasks import stack
+from tasks.config import load_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.browser]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def live_url(services, tiny_base_model):
+    from werkzeug.serving import make_server
+
+    from tasks.chat import create_app
+
+    cfg = load_config(overrides={"chat.model_uri": str(tiny_base_model), "chat.max_new_tokens": 24})
+    server = make_server("127.0.0.1", stack.free_port(), create_app(cfg, wait_for_model=True), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM:
+        pytest.fail("Debian's chromium is not installed: `make install` installs it (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def test_send_stream_and_history_survives_a_reload(browser, live_url, tiny_base_model):
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(live_url)
+    page.wait_for_function("document.getElementById('model').textContent.includes('local:')")
+    assert tiny_base_model.name in page.text_content("#model")
+    page.fill("#input", "Where is my order?")
+    page.click("#send")
+    # The assistant bubble streams: text shows up before (or as) the done event lands and the stream class goes.
+    page.wait_for_selector(".msg.assistant.streaming", timeout=15000)
+    page.wait_for_function("""() => { const el = document.querySelector('.msg.assistant .text');
+                                      return el && el.textContent.trim().length > 0; }""", timeout=30000)
+    page.wait_for_selector(".msg.assistant:not(.streaming) .rate button", timeout=30000)
+    reply = page.text_content(".msg.assistant .text")
+    assert reply.strip()
+    page.reload()
+    page.wait_for_selector(".msg.assistant .text")
+    texts = page.locator(".msg .text").all_text_contents()
+    assert texts == ["Where is my order?", reply]  # history from Postgres, in order
+    page.click(".msg.assistant .rate button[data-rating='1']")
+    page.wait_for_selector(".rate button.on")
+    assert errors == []
+
+
+def test_markup_in_a_message_is_shown_as_text(browser, live_url):
+    page = browser.new_page()
+    page.goto(live_url)
+    page.click("#new")
+    payload = "<img src=x onerror=\"window.__xss=1\"><script>window.__xss=2</script>"
+    page.fill("#input", payload)
+    page.click("#send")
+    page.wait_for_selector(".msg.assistant:not(.streaming) .rate button", timeout=30000)
+    assert page.text_content(".msg.user .text") == payload
+    assert page.locator(".msg.user img").count() == 0 and page.locator(".msg script").count() == 0
+    assert page.evaluate("window.__xss") is None
