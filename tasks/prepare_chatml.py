@@ -34,8 +34,8 @@ def existing_snapshot(sid: str) -> dict | None:
 
     from tasks import db, schema
 
-    with db.engine().connect() as conn:
-        row = conn.execute(select(schema.snapshots).where(schema.snapshots.c.snapshot_id == sid)).mappings().first()
+    query = select(schema.snapshots).where(schema.snapshots.c.snapshot_id == sid)
+    row = db.transaction(lambda conn: conn.execute(query).mappings().first(), what=f"look up snapshot {sid}")
     if row and s3.head(s3.join(row["uri"], "manifest.json")):
         return dict(row)
     return None
@@ -51,8 +51,7 @@ def last_release() -> dict | None:
     query = (select(r.c.run_id, r.c.snapshot_id, r.c.config_hash, r.c.registry_version)
              .where(r.c.registry_version.is_not(None), r.c.status != "failed")
              .order_by(r.c.created_at.desc()).limit(1))
-    with db.engine().connect() as conn:
-        row = conn.execute(query).mappings().first()
+    row = db.transaction(lambda conn: conn.execute(query).mappings().first(), what="look up the last release")
     return dict(row) if row else None
 
 
@@ -93,10 +92,12 @@ def record(ctx: StepContext, m: dict, data_cfg_hash: str) -> None:
     row = {k: m[k] for k in ("snapshot_id", "raw_digest", "uri", "rows_in", "rows_kept", "rows_quarantined",
                              "rows_sampled_out", "n_train", "n_validation", "n_test", "created_by_run")}
     row.update(prep_config_hash=data_cfg_hash, quarantine_reasons=m["quarantine_reasons"])
-    with db.engine().begin() as conn:
+    def write(conn) -> None:  # an upsert and an idempotent update: safe to run again after a lost connection
         db.upsert(conn, schema.snapshots, row, keys=("snapshot_id",), update=())
         conn.execute(update(schema.pipeline_runs).where(schema.pipeline_runs.c.run_id == ctx.run_id)
                      .values(snapshot_id=m["snapshot_id"]))
+
+    db.transaction(write, what=f"record snapshot {m['snapshot_id']}")
 
 
 def prepare(ctx: StepContext, raw: dict, sid: str, uri: str) -> dict:
@@ -124,8 +125,10 @@ def run(ctx: StepContext) -> dict:
     sid = snapshot_id(raw["digest"], cfg.data)
     uri = s3.join(f"s3://{cfg.storage.bucket}", cfg.storage.snapshot_prefix, sid)
     if existing := existing_snapshot(sid):
-        log.info("snapshot %s already prepared by run %s from the same raw data and settings; reusing it",
-                 sid, existing["created_by_run"])
+        # Where it was written, which need not be this run's snapshot prefix (storage.* is not part of the id).
+        uri = existing["uri"]
+        log.info("snapshot %s already prepared by run %s from the same raw data and settings; reusing it (%s)",
+                 sid, existing["created_by_run"], uri)
         m = s3.get_json(s3.join(uri, "manifest.json"))
     else:
         m = prepare(ctx, raw, sid, uri)

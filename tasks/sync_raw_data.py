@@ -80,7 +80,7 @@ def manifest_digest(objects: list[dict]) -> str:
 def record(ctx: StepContext, manifest: dict) -> None:
     from tasks import db, schema
 
-    with db.engine().begin() as conn:
+    def write(conn) -> None:  # upserts on run_id: safe to run again after a lost connection
         db.upsert(conn, schema.pipeline_runs, {"run_id": ctx.run_id, "config": ctx.config.to_dict(),
                                                "config_hash": ctx.config.section_hash(*TRAINING_SECTIONS)},
                   keys=("run_id",))
@@ -89,10 +89,13 @@ def record(ctx: StepContext, manifest: dict) -> None:
             "digest": manifest["digest"], "n_objects": manifest["n_objects"], "n_bytes": manifest["n_bytes"],
             "n_copied": manifest["n_copied"], "objects": manifest["objects"]}, keys=("run_id",))
 
+    db.transaction(write, what=f"record raw manifest of run {ctx.run_id}")
+
 
 def run(ctx: StepContext) -> dict:
     cfg = ctx.config
     raw_root = f"s3://{cfg.storage.bucket}/{cfg.storage.raw_prefix}"
+    s3.check_bucket(cfg.storage.bucket)
     ignored: list[str] = []
     objects = list_source(cfg.data.source, cfg.data.file_patterns, ignored)
     if ignored:
