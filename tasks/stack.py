@@ -145,13 +145,17 @@ def load_settings() -> dict:
 
 def save_settings(settings: dict) -> None:
     d = state_dir()
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / "stack.json"
-    path.write_text(json.dumps(settings, indent=2, sort_keys=True))
-    path.chmod(0o600)
-    env_path = d / "stack.env"
-    env_path.write_text("".join(f"export {k}='{v}'\n" for k, v in sorted(stack_env(settings).items())))
-    env_path.chmod(0o600)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / "stack.json"
+        path.write_text(json.dumps(settings, indent=2, sort_keys=True))
+        path.chmod(0o600)
+        env_path = d / "stack.env"
+        env_path.write_text("".join(f"export {k}='{v}'\n" for k, v in sorted(stack_env(settings).items())))
+        env_path.chmod(0o600)
+    except OSError as exc:  # the first write of every command: say which folder, not a bare traceback
+        raise StackError(f"state folder {d} is not writable ({exc.strerror}: {exc.filename}); make it writable "
+                         "or point ECB_STATE_DIR at a writable folder") from exc
 
 
 def init_settings(airflow_port: int | None = None) -> dict:
