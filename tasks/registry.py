@@ -97,6 +97,9 @@ def run(ctx: StepContext) -> dict:
     name = cfg.release.registered_model
     adapter_uri, decision_id = ctx.require_input("adapter_uri"), ctx.require_input("decision_id")
     snapshot_id, mlflow_run = ctx.require_input("snapshot_id"), ctx.inputs.get("mlflow_run_id")
+    from mlflow.exceptions import MlflowException
+
+    where, mv = f"model registry (MLflow at {os.environ.get('MLFLOW_TRACKING_URI')})", None
     try:
         client = _client()
         previous = champion(name)
@@ -119,7 +122,11 @@ def run(ctx: StepContext) -> dict:
             client.set_registered_model_alias(name, "previous", previous["version"])
         client.set_registered_model_alias(name, "champion", mv.version)
     except RegistryUnavailable as exc:
-        raise StepError(f"model registry unreachable, nothing registered and no alias moved: {exc}") from exc
+        raise StepError(f"{where} unreachable, nothing registered and no alias moved: {exc}") from exc
+    except MlflowException as exc:  # the server went away (or failed) part-way: the champion alias moves last
+        done = (f"version {mv.version} registered, champion alias not moved" if mv is not None
+                else "nothing registered and no alias moved")
+        raise StepError(f"{where} failed during register_model ({done}; a rerun completes it): {exc}") from exc
     record_release(ctx, snapshot_id, str(mv.version))
     log.info("alias champion -> %s version %s%s", name, mv.version,
              f" (previous -> version {previous['version']})" if previous and previous["version"] != str(mv.version)

@@ -89,6 +89,19 @@ class StepProcess:
         return "".join(self.lines)
 
 
+def kill_group(proc) -> int:
+    """SIGKILL a stack service (a tasks.stack.Proc) and everything in its process group; returns the pid."""
+    pid = proc.pid()
+    assert pid, f"{proc.name} is not running"
+    os.killpg(pid, signal.SIGKILL)
+    try:  # a child of this test process when the session started it: reap it, a zombie still answers kill(pid, 0)
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+    wait_until(lambda: proc.pid() is None, f"{proc.name} to die", 20, every=0.1)
+    return pid
+
+
 def wait_until(check: Callable[[], object], what: str, timeout: float, every: float = 0.5):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
