@@ -104,7 +104,7 @@ class TrainingConfig:
     warmup_ratio: float = opt(0.05, "Share of steps with linear warm-up.", minimum=0.0, maximum=0.5)
     epochs: float = opt(2.0, "Passes over the training split (fractions allowed).", minimum=0.01, maximum=100.0)
     max_steps: int = opt(0, "Stop after this many optimizer steps (0 = from epochs).", minimum=0)
-    batch_size: int = opt(16, "Conversations per optimizer step (length-grouped, padded per batch only).",
+    batch_size: int = opt(16, "Conversations per optimizer step (with packing: on average).",
                           minimum=1, maximum=4096)
     checkpoint_every: int = opt(50, "Save a resumable checkpoint to S3 every N optimizer steps.", minimum=1)
     log_every_s: float = opt(5.0, "Seconds between progress lines in the task log.", minimum=0.1)
@@ -113,6 +113,18 @@ class TrainingConfig:
     dtype: str = opt("auto", "'auto' = bf16 where the device supports it, fp32 on CPU.",
                      choices=("auto", "bf16", "fp16", "fp32"))
     gradient_checkpointing: bool = opt(False, "Trade compute for memory (only needed for long sequences).")
+    packing: bool = opt(True, "Pack conversations into fixed-length rows (no padding); attention and position ids "
+                              "stay per conversation. false = length-grouped batches padded per batch.")
+    pack_length: int = opt(0, "Tokens per packed row (0 = auto: 2048 on a GPU, 512 on CPU); raised to the longest "
+                              "conversation. Rows per step keep ~batch_size conversations per step.",
+                           minimum=0, maximum=65536)
+    packed_attention: str = opt("auto", "Attention for packed rows: auto = flex_attention (BlockMask) on CUDA, "
+                                        "varlen_sdpa (one causal SDPA call per conversation) on CPU; sdpa/eager use "
+                                        "a 4D block-diagonal mask.",
+                                choices=("auto", "varlen_sdpa", "flex_attention", "sdpa", "eager",
+                                         "flash_attention_2"))
+    compile: bool = opt(True, "torch.compile the training forward on CUDA for runs of >= 50 steps (eager if it "
+                              "fails); ignored on CPU.")
 
 
 @dataclass

@@ -185,7 +185,7 @@ def peak_memory_mb(device: str) -> float:
 
 
 def run(ctx: StepContext) -> dict:
-    from tasks.training import encode_all, fit, make_optimizer, total_steps, validation_loss
+    from tasks.training import encode_all, fit, make_optimizer, steps_per_epoch, total_steps, validation_loss
 
     best = apply_best_params(ctx)
     cfg = ctx.config
@@ -209,7 +209,7 @@ def run(ctx: StepContext) -> dict:
         raise StepError(f"training split of snapshot {snapshot_id} has {len(train)} usable conversations, fewer "
                         f"than one batch (training.batch_size={cfg.training.batch_size})")
     model = add_lora(model, cfg, cfg.training.seed)
-    steps = total_steps(len(train), cfg.training)
+    steps = total_steps(len(train), cfg.training, steps_per_epoch(train, cfg.training, device))
     opt, sched = make_optimizer(model, cfg.training, steps)
     state = load_checkpoint(ckpt_uri, model, opt, sched, config_hash) or TrainState()
     resumed_from = state.step
@@ -227,7 +227,7 @@ def run(ctx: StepContext) -> dict:
              cfg.lora.alpha, ",".join(cfg.lora.target_modules),
              f"resuming at step {resumed_from}" if resumed_from else "starting at step 0")
     pending: list[tuple[str, float, int]] = []
-    t0, tokens0 = time.monotonic(), state.tokens
+    t0, tokens0, slots0 = time.monotonic(), state.tokens, state.slots
 
     def on_step(st: TrainState, loss: float) -> bool:
         pending.extend([("train_loss", loss, st.step), ("learning_rate", sched.get_last_lr()[0], st.step)])
@@ -248,6 +248,7 @@ def run(ctx: StepContext) -> dict:
     first, last = (sum(x[1] for x in part) / len(part) for part in (state.losses[:5], state.losses[-5:]))
     metrics = {"val_loss": val_loss, "val_loss_before": state.val_loss_before, "train_loss_first": first,
                "train_loss_last": last, "tokens_per_s": tok_s,
+               "padding_waste": 1 - (state.tokens - tokens0) / max(state.slots - slots0, 1),
                "peak_memory_mb": peak_memory_mb(device), "steps": state.step, "resumed_from_step": resumed_from}
     tracking.log_metrics(mlflow_run, pending + [(k, v, state.step) for k, v in metrics.items()])
     files = save_adapter(model, tokenizer, cfg, out_uri, mlflow_run)
