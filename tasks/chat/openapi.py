@@ -68,8 +68,12 @@ def spec(max_message_chars: int = MAX_CHARS) -> dict:
 
     schemas = copy.deepcopy(SCHEMAS)
     schemas["SendMessage"]["properties"]["content"]["maxLength"] = max_message_chars
-    sse = {"text/event-stream": {"schema": {"type": "string", "description":
-                                            "events: start, token ({text}), done ({message}), error ({error})"}}}
+    # One Server-Sent Event; its data is JSON: start {user_message, model_version}, token {text}, done {message},
+    # error {error}.
+    sse = {"text/event-stream": {"schema": {
+        "type": "object", "required": ["event", "data"],
+        "properties": {"event": {"type": "string", "enum": ["start", "token", "done", "error"]},
+                       "data": {"type": "string", "description": "JSON object, see the event names"}}}}}
     paths = {
         "/healthz": {"get": {"summary": "Process is up", "responses": {"200": _json({"type": "object"}, "Up")}}},
         "/readyz": {"get": {"summary": "Model is loaded", "responses": {
