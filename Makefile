@@ -4,9 +4,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: install demo test chaos lint bench stack-up stack-down clean
+.PHONY: install chromium demo test chaos lint bench stack-up stack-down clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed chromium
+
+# The browser test drives Debian's chromium through Playwright (executable_path): no browser is downloaded.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 # torch is installed first and pinned: pip then takes the CPU wheel on disk instead of a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml

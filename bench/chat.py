@@ -64,7 +64,8 @@ def one_chat(session, url: str, question: str) -> dict:
                 return {"ok": False, "error": line[6:200]}
     if done is None:
         return {"ok": False, "error": "stream ended without a done event"}
-    return {"ok": True, "ttft": ttft if ttft is not None else time.perf_counter() - t1,
+    # ttft None: the reply had no visible text (whitespace only), so there was no first token to see
+    return {"ok": True, "ttft": ttft,
             "seconds": time.perf_counter() - t1, "tokens": done["completion_tokens"], "version": done["model_version"],
             "total": time.perf_counter() - t0}
 
@@ -102,10 +103,13 @@ def run_level(url: str, clients: int, seconds: float, qs: list[str], reload_at: 
         t.join()
     wall = time.monotonic() - started
     ok = [r for r in results if r["ok"]]
-    ttfts = sorted(r["ttft"] * 1000 for r in ok)
+    ttfts = sorted(r["ttft"] * 1000 for r in ok if r["ttft"] is not None)
     tokens = sum(r["tokens"] for r in ok)
-    stream_tps = [r["tokens"] / max(r["seconds"] - r["ttft"], 1e-6) for r in ok if r["tokens"] > 1]
+    # decode rate of one stream after its first token; streams that ended right at their first token are left out
+    stream_tps = [(r["tokens"] - 1) / (r["seconds"] - r["ttft"]) for r in ok
+                  if r["ttft"] is not None and r["tokens"] > 1 and r["seconds"] - r["ttft"] > 0.01]
     return {"clients": clients, "seconds": round(wall, 1), "replies": len(ok), "errors": len(results) - len(ok),
+            "empty_replies": sum(r["ttft"] is None for r in ok),
             "ttft_p50_ms": _pct(ttfts, 50), "ttft_p95_ms": _pct(ttfts, 95),
             "aggregate_tokens_per_s": tokens / wall, "per_stream_tokens_per_s": statistics.median(stream_tps)
             if stream_tps else 0.0, "reload_http": reload_status,
@@ -152,11 +156,12 @@ class LocalService:
         env.update(ECB_CONFIG=str(cfg_file), ECB_LOG_LEVEL="WARNING")
         from tasks.deploy_chat import gunicorn_argv
 
+        self.log = stack.state_dir() / "logs" / "bench-chat.log"
+        self.log.parent.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(gunicorn_argv("127.0.0.1", port, 64), env=env, cwd=REPO,
-                                     stdout=subprocess.DEVNULL, stderr=open(Path(self.tmp.name) / "gunicorn.log", "wb"))
+                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))  # noqa: SIM115
         url = f"http://127.0.0.1:{port}"
-        stack.wait_for(lambda: stack.http_ok(f"{url}/readyz"), "chat service", 300,
-                       Path(self.tmp.name) / "gunicorn.log")
+        stack.wait_for(lambda: stack.http_ok(f"{url}/readyz"), "chat service", 300, self.log)
         return url
 
     def __exit__(self, *exc) -> None:

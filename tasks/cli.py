@@ -25,6 +25,7 @@ def _print_urls(s: dict) -> None:
     print(f"Airflow UI : http://localhost:{s['airflow_port']}  (local demo: no login needed)")
     print(f"MLflow UI  : http://127.0.0.1:{s['mlflow_port']}")
     print(f"S3 endpoint: {stack.s3_endpoint(s) or 'AWS'}   credentials: {stack.state_dir() / 'stack.env'}")
+    print(f"Chat       : http://127.0.0.1:{s.get('chat_port', 8000)}  (deployed by the DAG's last task)")
 
 
 def cmd_stack(args) -> int:
@@ -125,7 +126,23 @@ def cmd_demo(args) -> int:
         print(f"run {run['run_id']} ended {run['state']}; open the Airflow UI for the task logs", file=sys.stderr)
         return 1
     print(f"run {run['run_id']} succeeded")
-    return 0
+    return ensure_chat_service(s)
+
+
+def ensure_chat_service(s: dict) -> int:
+    """A run that stopped early (nothing changed) deploys nothing: make sure the champion is being served anyway,
+    e.g. after the machine restarted. Same step the DAG runs, with the registry's champion."""
+    url = f"http://127.0.0.1:{s.get('chat_port', 8000)}"
+    try:
+        if stack.http_ok(f"{url}/readyz"):
+            print(f"chat service up at {url}")
+            return 0
+    except OSError:
+        pass
+    print(f"chat service not running at {url}: deploying the registry's champion", flush=True)
+    r = subprocess.run([sys.executable, "-m", "tasks", "deploy_chat_service", "--run-id", "demo-redeploy"],
+                       env={**os.environ, **stack.stack_env(s)}, cwd=stack.REPO)
+    return r.returncode
 
 
 def cmd_config(args) -> int:

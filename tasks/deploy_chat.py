@@ -115,20 +115,20 @@ def smoke_test(url: str) -> dict:
 
 
 def record(ctx: StepContext, version: str, url: str, status: str, detail: str) -> None:
+    """Mark the release row of this run (or, for a redeploy outside a training run, the row of the run that
+    registered this version) with the service URL and the outcome; never a new row."""
     from sqlalchemy import select, update
 
     from tasks import db, schema
-    from tasks.config import TRAINING_SECTIONS
 
     r = schema.releases
     with db.engine().begin() as conn:
-        if conn.execute(select(r.c.id).where(r.c.run_id == ctx.run_id)).first():
-            conn.execute(update(r).where(r.c.run_id == ctx.run_id).values(
-                service_url=url, status=status, detail=detail, registry_version=version))
-        else:  # deployed outside a training run (a manual redeploy): still one row per run id
-            db.upsert(conn, r, {"run_id": ctx.run_id, "snapshot_id": ctx.inputs.get("snapshot_id", "unknown"),
-                                "config_hash": ctx.config.section_hash(*TRAINING_SECTIONS), "registry_version": version,
-                                "service_url": url, "status": status, "detail": detail}, keys=("run_id",))
+        row_id = conn.execute(select(r.c.id).where(r.c.run_id == ctx.run_id)).scalar() or conn.execute(
+            select(r.c.id).where(r.c.registry_version == version).order_by(r.c.id.desc()).limit(1)).scalar()
+        if row_id is None:
+            log.warning("no release row for run %s or version %s: the deployment is not recorded", ctx.run_id, version)
+            return
+        conn.execute(update(r).where(r.c.id == row_id).values(service_url=url, status=status, detail=detail))
 
 
 def run(ctx: StepContext) -> dict:
