@@ -179,7 +179,7 @@ def build_model(out: Path, size: str) -> None:
     texts = [r["instruction"] for r in rows] + [r["response"] for r in rows]
     tokenizer = demo_model.build_tokenizer(texts, vocab_size=2048 if size != "tiny" else 512)
     model = demo_model.build_model(tokenizer, size=size)
-    demo_model.pretrain(model, tokenizer, texts, steps=30)
+    demo_model.pretrain(model, tokenizer, texts, steps=150 if size == "tiny" else 60)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
