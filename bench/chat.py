@@ -153,7 +153,7 @@ class LocalService:
             "create_limit_per_minute": 100000, "max_batch_size": 32}}))
         port = stack.free_port()
         self.admin = env["ECB_CHAT_ADMIN_TOKEN"]
-        env.update(ECB_CONFIG=str(cfg_file), ECB_LOG_LEVEL="WARNING")
+        env.update(ECB_CONFIG=str(cfg_file), ECB_LOG_LEVEL="WARNING", ECB_DB_POOL_SIZE="8")
         from tasks.deploy_chat import gunicorn_argv
 
         self.log = stack.state_dir() / "logs" / "bench-chat.log"

@@ -40,7 +40,8 @@ def results_url() -> str:
 @lru_cache(maxsize=4)
 def _engine(url: str) -> Engine:
     return create_engine(url.replace("postgresql://", "postgresql+psycopg2://", 1), pool_pre_ping=True,
-                         pool_size=2, max_overflow=2, connect_args={"connect_timeout": 10})
+                         pool_size=int(os.environ.get("ECB_DB_POOL_SIZE", "2")), max_overflow=2,
+                         connect_args={"connect_timeout": 10})
 
 
 def engine() -> Engine:

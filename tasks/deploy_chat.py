@@ -81,7 +81,9 @@ def start_or_reload_local(cfg) -> str:
     config_file = stack.state_dir() / "chat" / "config.yaml"
     config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    env = {**os.environ, "ECB_CHAT_ADMIN_TOKEN": token, "ECB_LOG_TIMESTAMPS": "1", "ECB_CONFIG": str(config_file)}
+    # Steps need 2 database connections; the service's request threads share more.
+    env = {**os.environ, "ECB_CHAT_ADMIN_TOKEN": token, "ECB_LOG_TIMESTAMPS": "1", "ECB_CONFIG": str(config_file),
+           "ECB_DB_POOL_SIZE": os.environ.get("ECB_DB_POOL_SIZE", "8")}
     pid = stack.CHAT.start(argv, env)
     log.info("started the chat service (gunicorn pid %d) on %s; log: %s", pid, url, stack.CHAT.log)
     return url
