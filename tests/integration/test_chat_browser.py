@@ -23,7 +23,7 @@ def live_url(services, tiny_base_model):
 
     from tasks.chat import create_app
 
-    cfg = load_config(overrides={"chat.model_uri": str(tiny_base_model), "chat.max_new_tokens": 24})
+    cfg = load_config(overrides={"chat.model_uri": str(tiny_base_model), "chat.max_new_tokens": 32})
     server = make_server("127.0.0.1", stack.free_port(), create_app(cfg, wait_for_model=True), threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -51,13 +51,23 @@ def test_send_stream_and_history_survives_a_reload(browser, live_url, tiny_base_
     page.goto(live_url)
     page.wait_for_function("document.getElementById('model').textContent.includes('local:')")
     assert tiny_base_model.name in page.text_content("#model")
+    # Record every text the assistant bubble shows: streamed text grows token by token before the reply is done.
+    page.evaluate("""() => {
+        window.__texts = [];
+        new MutationObserver((records) => {
+            for (const r of records) {
+                const box = r.target.closest ? r.target.closest('.msg.assistant') : null;
+                if (!box) continue;
+                for (const n of r.addedNodes) if (n.nodeType === Node.TEXT_NODE) window.__texts.push(n.data);
+            }
+        }).observe(document.getElementById('messages'), {childList: true, subtree: true, characterData: true});
+    }""")
     page.fill("#input", "Where is my order?")
     page.click("#send")
-    # The assistant bubble streams: text shows up before (or as) the done event lands and the stream class goes.
-    page.wait_for_selector(".msg.assistant.streaming", timeout=15000)
-    page.wait_for_function("""() => { const el = document.querySelector('.msg.assistant .text');
-                                      return el && el.textContent.trim().length > 0; }""", timeout=30000)
-    page.wait_for_selector(".msg.assistant:not(.streaming) .rate button", timeout=30000)
+    page.wait_for_selector(".msg.assistant:not(.streaming) .rate button", timeout=60000)
+    streamed = list(dict.fromkeys(t for t in page.evaluate("window.__texts") if t))
+    assert len(streamed) >= 2, streamed  # the text grew in pieces (token events), not in one go at the end
+    assert all(b.startswith(a) for a, b in zip(streamed, streamed[1:], strict=False)), streamed
     reply = page.text_content(".msg.assistant .text")
     assert reply.strip()
     page.reload()
