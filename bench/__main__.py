@@ -1,95 +1,145 @@
-"""Benchmarks of the platform's own code paths, each against a reference measured in the same process.
+"""Benchmarks of the platform's own code paths, each against the seed recipe measured in the same process.
 
-    python -m bench eval [--examples 64] [--model DIR]   # batched greedy evaluate vs one example at a time
-    python -m bench dag                                   # DAG file parse time
-    python -m bench quality --snapshot-uri S --adapter-uri A   # base vs fine-tuned BLEU on a test split
-    python -m bench all                                   # eval + dag
+    python -m bench train   [--device auto|cpu|cuda] [--quick]   # fine-tune: seed recipe vs the step's path
+    python -m bench eval    [--examples N] [--model DIR]         # seed eval loop vs the evaluate step's path
+    python -m bench chat    [...]                                 # the chat service over HTTP (bench/chat.py)
+    python -m bench dag                                           # DAG file parse time
+    python -m bench quality --snapshot-uri S --adapter-uri A      # base vs fine-tuned BLEU on a test split
+    python -m bench all                                           # train + eval + dag + chat
 
-Tables go to stdout (Markdown), results to bench/out/<suite>.json. Timings belong here, not in tests.
+Tables go to stdout (Markdown), results to <--out, default bench/out>/<suite>.json. On CPU every suite runs its
+quick sizes (`make bench`: a few minutes on 2 cores); on CUDA `--quick` shortens the runs. Timings belong here,
+not in tests. bench/gpu.sh runs the GPU suites in one call.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import copy
+import importlib
+import logging
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+from bench.common import (
+    conversations,
+    device_name,
+    free_memory,
+    model_dir,
+    now,
+    resolve_device,
+    table,
+    versions,
+    write_json,
+)
+
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "bench" / "out"
-BITEXT = REPO.parent / "shared" / "data" / "bitext_customer_support_sample.csv"
-
-
-def table(rows: list[dict]) -> str:
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |"
-              for r in rows]
-    return "\n".join(lines)
-
-
-def conversations(n: int) -> list[dict]:
-    """Real Bitext rows when the sample is there (realistic lengths), else the demo generator; as ChatML."""
-    import csv
-
-    from tasks import datagen
-    from tasks.config import Config
-
-    rows = list(csv.DictReader(BITEXT.open(encoding="utf-8"))) if BITEXT.exists() else datagen.generate_rows(n, 0)
-    system = Config().data.system_prompt
-    return [{"messages": [{"role": "system", "content": system}, {"role": "user", "content": r["instruction"]},
-                          {"role": "assistant", "content": r["response"]}], "intent": r["intent"]}
-            for r in rows[:n]]
-
-
-def demo_model(model_dir: str | None):
-    """The demo base model from a folder, or a freshly built small one (same builder as the demo)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tasks import datagen
-    from tasks import demo_model as dm
-
-    if model_dir:
-        return AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir)
-    rows = datagen.generate_rows(800, seed=0)
-    texts = [r["instruction"] for r in rows] + [r["response"] for r in rows]
-    tokenizer = dm.build_tokenizer(texts, vocab_size=2048)
-    model = dm.build_model(tokenizer, size="demo")
-    dm.pretrain(model, tokenizer, texts, steps=40)
-    return tokenizer, model
 
 
 def suite_eval(args) -> dict:
-    from tasks import generation
+    """The seed loop (one at a time, right-padded to 512, sampled, 150 new tokens, unmerged adapter) against the
+    evaluate step's path (generation.generate_batched on the merged model, the step's eval.batch_size), on the same
+    examples (the seed loop times the first few), same weights and dtype, and the check that the step's greedy
+    outputs equal one-at-a-time greedy outputs (generation.generate_one_at_a_time's ids)."""
+    import torch
 
-    tokenizer, model = demo_model(args.model)
-    model.eval()
-    records = conversations(args.examples)
+    from bench import seed as seed_recipe
+    from tasks import finetune, generation
+    from tasks.config import load_config
+    from tasks.training import device_and_dtype
+
+    device = args.device
+    gpu = device == "cuda"
+    n_examples = args.examples or (64 if gpu and not args.quick else 32)
+    # The seed loop costs the same for every example (150 tokens after a 512-token prompt; ~7 s each on an H100),
+    # so a few examples time it. The identity check decodes one at a time as well (greedy decoding is
+    # prefix-consistent, so --ref-tokens below max_new_tokens compares a prefix).
+    n_seed = min(n_examples, args.seed_examples or 4)
+    n_ref = min(n_examples, args.ref_examples or 8)
+    ref_tokens = min(args.max_new_tokens, args.ref_tokens or args.max_new_tokens)
+    base, model_desc = (args.model, args.model) if args.model else model_dir(device, Path(args.work))
+    cfg = load_config(None, overrides={"model.base_model": base})
+    batch_size = args.batch_size or cfg.eval.batch_size
+    dev, dtype = device_and_dtype(cfg.training)
+    tokenizer, model = finetune.load_base(cfg, dev, dtype)
+    model.config.use_cache = True
+    model = finetune.add_lora(model, cfg, seed=0)
+    with torch.no_grad():  # a "trained" adapter: B is zero at init, which would make merging a no-op
+        gen = torch.Generator().manual_seed(0)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen).mul_(0.02).to(p.dtype))
+    records, source = conversations(n_examples)
     prompts = generation.render_prompts(tokenizer, [r["messages"] for r in records])
-    t0 = time.perf_counter()
-    single = generation.generate_one_at_a_time(model, tokenizer, prompts, args.max_new_tokens)
-    t_single = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    batched = generation.generate_batched(model, tokenizer, prompts, args.max_new_tokens, args.batch_size)
-    t_batched = time.perf_counter() - t0
-    same = sum(a == b for a, b in zip(single, batched, strict=True))
-    rows = [{"path": "one at a time (greedy, batch 1)", "examples": len(prompts), "seconds": t_single,
-             "examples/s": len(prompts) / t_single, "x": 1.0, "identical outputs": "reference"},
-            {"path": f"evaluate step (batched {args.batch_size}, left-padded, length-sorted)", "examples": len(prompts),
-             "seconds": t_batched, "examples/s": len(prompts) / t_batched, "x": t_single / t_batched,
-             "identical outputs": f"{same}/{len(prompts)}"}]
-    return {"rows": rows, "identical": same == len(prompts), "max_new_tokens": args.max_new_tokens}
+    new = args.max_new_tokens
+
+    # seed loop, step path, seed loop again: on a shared machine both paths see the same background load
+    half = (n_seed + 1) // 2
+    first = seed_recipe.seed_eval(model, tokenizer, prompts[:half], device, new_tokens=new)
+    merged = generation.merge_for_inference(copy.deepcopy(model))  # merges in place: keep the unmerged one
+    t0 = now(device)  # generation.generate_batched, unrolled to keep the token counts
+    batched_ids = generation.generate_token_ids(merged, tokenizer, prompts, new, batch_size)
+    batched = generation.decode_answers(tokenizer, batched_ids)
+    t_step = now(device) - t0
+    second = seed_recipe.seed_eval(model, tokenizer, prompts[half:n_seed], device, new_tokens=new, seed=1)
+    seed_r = {k: first[k] + second[k] for k in ("examples", "seconds", "new_tokens")}
+    t0 = now(device)  # generation.generate_one_at_a_time, likewise
+    single_ids = generation.generate_token_ids_one_at_a_time(merged, tokenizer, prompts[:n_ref], ref_tokens)
+    t_single = now(device) - t0
+    same = sum(ref == out[:len(ref)] and (len(ref) == ref_tokens or len(out) == len(ref))
+               for ref, out in zip(single_ids, batched_ids, strict=False))
+    seed_eps = seed_r["examples"] / seed_r["seconds"]
+    rows = [
+        {"path": "seed loop: 1 at a time, right-padded to 512, sampled T=0.8, unmerged adapter",
+         "examples": seed_r["examples"], "seconds": seed_r["seconds"], "examples/s": seed_eps, "x seed": 1.0,
+         "new tokens/example": seed_r["new_tokens"] / seed_r["examples"], "greedy identical": "-"},
+        {"path": f"one at a time, greedy, merged, {ref_tokens} new tokens (identity reference)", "examples": n_ref,
+         "seconds": t_single, "examples/s": n_ref / t_single, "x seed": "-",
+         "new tokens/example": sum(map(len, single_ids)) / n_ref, "greedy identical": "reference"},
+        {"path": f"evaluate step: generate_batched, merged, batch {batch_size}, left-padded, length-sorted",
+         "examples": n_examples, "seconds": t_step, "examples/s": n_examples / t_step,
+         "x seed": n_examples / t_step / seed_eps,
+         "new tokens/example": sum(map(len, batched_ids)) / n_examples,
+         "greedy identical": f"{same}/{n_ref}" + (f" (first {ref_tokens} tokens)" if ref_tokens < new else "")},
+    ]
+    del model, merged
+    free_memory()
+    return {"rows": rows, "identical": same == n_ref, "compared": n_ref, "compared_tokens": ref_tokens,
+            "max_new_tokens": new, "sample_answer": batched[0][:300],
+            "batch_size": batch_size, "model": model_desc, "dtype": str(dtype), "data": source}
+
+
+def suite_train(args) -> dict:
+    from bench import train
+
+    return train.main(args)
+
+
+def suite_chat(args) -> dict | None:
+    try:
+        chat = importlib.import_module("bench.chat")
+    except ModuleNotFoundError as exc:
+        if exc.name != "bench.chat":
+            raise
+        print("\n### chat\n\nchat suite not available (bench/chat.py is missing); skipped\n", flush=True)
+        return None
+    argv = list(args.rest)
+    if args.quick and "--seconds" not in argv:
+        argv += ["--seconds", "6"]  # quick mode: 6 s per concurrency level
+    return chat.main(argv)
 
 
 def suite_dag(args) -> dict:
     code = ("import time; t=time.perf_counter(); from airflow.dag_processing.dagbag import DagBag; "
             "t1=time.perf_counter(); b=DagBag(dag_folder='dags'); t2=time.perf_counter(); "
             "assert not b.import_errors, b.import_errors; print(t1-t, t2-t1)")
-    env = {**__import__("os").environ, "AIRFLOW_HOME": str(REPO),
-           "PYTHONPATH": f"{REPO}:{REPO / 'plugins'}"}
+    env = {**os.environ, "AIRFLOW_HOME": str(REPO), "PYTHONPATH": f"{REPO}:{REPO / 'plugins'}"}
     runs = []
     for _ in range(args.repeat):
         out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
@@ -97,7 +147,7 @@ def suite_dag(args) -> dict:
         runs.append((float(out[-2]), float(out[-1])))
     parse = [r[1] for r in runs]
     rows = [{"what": "parse dags/ (DagBag fill, airflow already imported)", "median s": statistics.median(parse),
-             "max s": max(parse), "runs": len(parse)}]
+             "max s": max(parse), "runs": len(parse), "target": "< 0.5 s"}]
     return {"rows": rows}
 
 
@@ -121,26 +171,77 @@ def suite_quality(args) -> dict:
     return {"rows": rows, "snapshot_uri": args.snapshot_uri, "adapter_uri": args.adapter_uri}
 
 
-SUITES = {"eval": suite_eval, "dag": suite_dag, "quality": suite_quality}
+SUITES = {"train": suite_train, "eval": suite_eval, "chat": suite_chat, "dag": suite_dag, "quality": suite_quality}
+ALL = ("train", "eval", "dag", "chat")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench")
+    p.add_argument("suite", choices=[*SUITES, "all"])
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--quick", action="store_true", help="short runs (always on CPU)")
+    p.add_argument("--out", default=str(OUT), help="folder for the JSON results")
+    p.add_argument("--work", default=None, help="scratch folder for built models (default: a temporary folder)")
+    p.add_argument("--snapshot-uri", default=None)
+    p.add_argument("--adapter-uri", default=None)
+    p.add_argument("--examples", type=int, default=0, help="eval: examples (default 32 on CPU, 64 on CUDA)")
+    p.add_argument("--max-new-tokens", type=int, default=150)
+    p.add_argument("--seed-examples", type=int, default=0, help="eval: examples timed in the seed loop (4)")
+    p.add_argument("--ref-examples", type=int, default=0, help="eval: examples checked one at a time (8)")
+    p.add_argument("--ref-tokens", type=int, default=0, help="eval: greedy tokens compared (all)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (default 1: on a shared machine an OpenMP thread waiting for a descheduled "
+                        "partner made 2-thread runs up to 10x slower and erratic)")
+    p.add_argument("--batch-size", type=int, default=0, help="eval: generation batch (default: eval.batch_size)")
+    p.add_argument("--model", default=None, help="eval: a Hugging Face model folder (default: the device's model)")
+    p.add_argument("--repeat", type=int, default=3)
+    return p
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench")
-    p.add_argument("suite", choices=[*SUITES, "all"])
-    p.add_argument("--snapshot-uri", default=None)
-    p.add_argument("--adapter-uri", default=None)
-    p.add_argument("--examples", type=int, default=64)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--model", default=None, help="a Hugging Face model folder (default: build the demo model)")
-    p.add_argument("--repeat", type=int, default=3)
-    args = p.parse_args(argv)
-    OUT.mkdir(parents=True, exist_ok=True)
-    for name in ("eval", "dag") if args.suite == "all" else [args.suite]:
-        result = SUITES[name](args)
-        print(f"\n### {name}\n\n{table(result['rows'])}\n", flush=True)
-        (OUT / f"{name}.json").write_text(json.dumps(result, indent=2))
-    return 0
+    import torch
+    import transformers
+
+    args, rest = parser().parse_known_args(argv)
+    args.rest = rest  # suite-specific options (chat)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    transformers.logging.set_verbosity_error()  # right-padding warnings of the seed loop, one per example
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args.device = resolve_device(args.device)
+    args.quick = args.quick or args.device == "cpu"
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the same for subprocesses (the chat service)
+    out = Path(args.out)
+    failed = []
+    with tempfile.TemporaryDirectory(prefix="ecb-bench-") as tmp:
+        args.work = args.work or tmp
+        for name in ALL if args.suite == "all" else [args.suite]:
+            t0 = time.perf_counter()
+            try:
+                result = SUITES[name](args)
+            except Exception as exc:  # noqa: BLE001 -- `all` reports every suite; the exit code says one failed
+                if args.suite != "all":
+                    raise
+                logging.getLogger("bench").exception("suite %s failed", name)
+                failed.append(name)
+                result = {"rows": [{"suite": name, "error": f"{type(exc).__name__}: {exc}"[:300]}]}
+            if result is None:
+                continue
+            result.setdefault("device", device_name(args.device) if name != "dag" else "cpu")
+            result.update(suite=name, versions=versions(), wall_s=time.perf_counter() - t0,
+                          date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), commit=_commit())
+            if result.get("rows"):
+                print(f"\n### {name} ({result['device']})\n\n{table(result['rows'])}\n", flush=True)
+            print(f"JSON: {write_json(out, name, result)}", flush=True)
+    return 1 if failed else 0
+
+
+def _commit() -> str:
+    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                           text=True).stdout.strip()
+    return (r.stdout.strip() or "unknown") + ("+dirty" if dirty else "")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,215 @@
+"""`python -m bench train`: fine-tune throughput of the seed recipe vs the fine-tune step's own code path.
+
+Both run in this process on the same conversations (the Bitext sample rendered with the model's chat template,
+assistant-only labels; every 10th conversation held out for the validation loss). The step path is the step's
+functions, not a copy: ``finetune.load_base`` -> ``finetune.add_lora`` -> ``training.make_optimizer`` ->
+``training.fit`` with the step's config (packing, bf16 and torch.compile on CUDA, no gradient checkpointing).
+
+CPU: all recipes are built side by side and timed interleaved, one optimizer step each per round, after one
+untimed step (other processes on a shared machine then slow every recipe alike). CUDA: one recipe after the
+other, each in one run of `warmup + steps` optimizer steps (so the step path compiles), the first `warmup` untimed.
+
+Columns: real tokens/s (conversation tokens, not padding), slot tokens/s (everything computed, padding included),
+padding waste, peak memory (CUDA: max allocated; CPU: rise of the process's peak RSS while the recipe was built and
+took its first step), the training loss of the last step, and the validation loss after the run (same held-out
+conversations, same function, every row).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from bench.common import PeakMemory, conversations, free_memory, model_dir, now
+
+log = logging.getLogger("bench.train")
+VAL_BATCHES = 2  # validation batches of 8 held-out conversations (the same for every recipe)
+
+
+def sizes(device: str, quick: bool) -> dict:
+    if device == "cuda":  # ~8 rows x 2048 tokens per step, like the issue's packed probes; 50 steps: compiled
+        return {"seed_steps": 4 if quick else 10, "step_steps": 20 if quick else 47, "eager_steps": 10, "warmup": 3,
+                "batch_size": 64}
+    # CPU (quick): 3 interleaved rounds after 1 untimed step, the step's default 16 conversations per step
+    return {"seed_steps": 3, "step_steps": 3, "warmup": 1, "batch_size": 16}
+
+
+def step_config(base: str, overrides: dict):
+    from tasks.config import load_config
+
+    return load_config(None, overrides={"model.base_model": base, **overrides})
+
+
+class StepTrain:
+    """The fine-tune step's path; run_to(n) continues training to optimizer step n (training.fit resumes from
+    its TrainState, as the step does after a checkpoint)."""
+
+    def __init__(self, base: str, records: list[dict], val_records: list[dict], overrides: dict, *,
+                 total_steps: int, device: str):
+        from tasks import finetune
+        from tasks.training import TrainState, device_and_dtype, encode_all, make_optimizer, plan_batching
+
+        self.cfg = cfg = step_config(base, {**overrides, "training.max_steps": total_steps})
+        self.dev, self.dtype = device_and_dtype(cfg.training)
+        if self.dev != device:
+            raise SystemExit(f"the step would train on {self.dev}, the benchmark asked for {device}")
+        self.tokenizer, model = finetune.load_base(cfg, self.dev, self.dtype)
+        self.train = encode_all(self.tokenizer, records, cfg.model.max_seq_len)
+        self.val = encode_all(self.tokenizer, val_records, cfg.model.max_seq_len)
+        self.model = finetune.add_lora(model, cfg, cfg.training.seed)
+        self.opt, self.sched = make_optimizer(self.model, cfg.training, total_steps)
+        self.state = TrainState()
+        batching = plan_batching(self.train, cfg.training, self.dev)
+        self.description = batching.describe()
+        self.conversations_per_step = round(len(self.train) / max(1, len(batching.epoch(self.train, 0, 0))), 1)
+        self.mark: tuple | None = None
+
+    def run_to(self, step: int, mark_at: int | None = None) -> None:
+        from tasks.training import fit
+
+        def on_step(st, loss: float) -> bool:
+            if st.step == mark_at:  # fit has just read the loss (.item()): the device is idle
+                self.mark = (now(self.dev), st.tokens, st.slots)
+            return False
+
+        fit(self.model, self.train, self.cfg.training, step, self.state, self.opt, self.sched,
+            pad_id=self.tokenizer.pad_token_id, device=self.dev, dtype=self.dtype, on_step=on_step)
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    @property
+    def tokens(self) -> int:
+        return self.state.tokens
+
+    @property
+    def slots(self) -> int:
+        return self.state.slots
+
+    @property
+    def loss(self) -> float:
+        return self.state.losses[-1][1]
+
+    def val_loss(self) -> float:
+        from tasks.training import validation_loss
+
+        return validation_loss(self.model, self.val, 8, VAL_BATCHES, self.tokenizer.pad_token_id, self.dev)
+
+
+def measure_sequential(make, *, warmup: int, steps: int, device: str) -> dict:
+    """Build, train warmup + steps in one run, time the last `steps` (CUDA)."""
+    with PeakMemory(device) as peak:
+        run = make()
+        t_start = now(device)
+        if isinstance(run, StepTrain):
+            run.run_to(warmup + steps, mark_at=warmup)
+            t0, tokens0, slots0 = run.mark
+        else:
+            run.run_to(warmup)
+            t0, tokens0, slots0 = now(device), run.tokens, run.slots
+            run.run_to(warmup + steps)
+        seconds = now(device) - t0
+    result = {"real_tokens": run.tokens - tokens0, "slots": run.slots - slots0, "seconds": seconds,
+              "warmup_s": t0 - t_start, "peak_gib": peak.gib, "loss_last": run.loss, "val_loss": run.val_loss(),
+              "steps": steps, "batching": run.description, "conversations_per_step": run.conversations_per_step}
+    del run
+    free_memory()
+    return result
+
+
+def measure_interleaved(makers: dict, *, warmup: int, rounds: int, device: str) -> dict:
+    """Build every recipe (peak memory of build + warmup each), then `rounds` rounds of one step per recipe."""
+    runs, out = {}, {}
+    for name, make in makers.items():
+        try:
+            with PeakMemory(device) as peak:
+                runs[name] = make()
+                t0 = now(device)
+                runs[name].run_to(warmup)
+            out[name] = {"peak_gib": peak.gib, "warmup_s": now(device) - t0, "seconds": 0.0, "real_tokens": 0,
+                         "slots": 0, "steps": 0}
+        except Exception as exc:  # noqa: BLE001 -- one failing recipe must not hide the others
+            log.exception("recipe %s failed", name)
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            tokens, slots, t0 = run.tokens, run.slots, now(device)
+            run.run_to(run.step + 1)
+            r = out[name]
+            r["seconds"] += now(device) - t0
+            r["real_tokens"] += run.tokens - tokens
+            r["slots"] += run.slots - slots
+            r["steps"] += 1
+    for name, run in runs.items():
+        out[name].update(loss_last=run.loss, val_loss=run.val_loss(), batching=run.description,
+                         conversations_per_step=run.conversations_per_step)
+    runs.clear()
+    free_memory()
+    return out
+
+
+def row(name: str, r: dict, seed: dict | None) -> dict:
+    if "error" in r:
+        return {"recipe": name, "real tok/s": "-", "x seed": "-", "note": r["error"][:160]}
+    real_s, slot_s = r["real_tokens"] / r["seconds"], r["slots"] / r["seconds"]
+    out = {"recipe": name, "real tok/s": real_s, "slot tok/s": slot_s,
+           "x seed": real_s / (seed["real_tokens"] / seed["seconds"]) if seed else 1.0,
+           "padding waste": 1 - r["real_tokens"] / max(r["slots"], 1), "peak GiB": r["peak_gib"],
+           "conv/step": r["conversations_per_step"], "steps timed": r["steps"], "loss last step": r["loss_last"],
+           "val loss after": r["val_loss"]}
+    if seed:
+        out["peak x seed"] = r["peak_gib"] / seed["peak_gib"] if seed["peak_gib"] > 0 else "-"
+    return out
+
+
+def main(args) -> dict:
+    from transformers import AutoTokenizer
+
+    from bench.seed import SeedTrain
+    from tasks.training import encode_all
+
+    device, quick = args.device, args.quick
+    n = sizes(device, quick)
+    base, model_desc = model_dir(device, Path(args.work))
+    records, source = conversations()
+    val_records, train_records = records[::10], [r for i, r in enumerate(records) if i % 10]
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    max_len = step_config(base, {}).model.max_seq_len
+    train_ex, val_ex = encode_all(tokenizer, train_records, max_len), encode_all(tokenizer, val_records, max_len)
+    lengths = [len(e.input_ids) for e in train_ex]
+    total = n["warmup"] + max(n["seed_steps"], n["step_steps"])
+    seed_name = ("seed recipe: fp32" + (" + fp16 autocast/GradScaler" if device == "cuda" else "")
+                 + ", grad. checkpointing, 4 x 512 padded")
+    makers = {seed_name: lambda: SeedTrain(base, train_ex, val_ex, device=device, pad_id=tokenizer.pad_token_id,
+                                           total_steps=total)}
+    bs = {"training.batch_size": n["batch_size"]}
+    variants = {"step path: LoRA, packed (default config)": bs}
+    if device == "cuda":
+        variants["step path: QLoRA NF4, packed, eager"] = {**bs, "lora.quantization": "nf4", "training.compile": False}
+    if not (quick and device == "cuda"):
+        variants["step path: LoRA, length-grouped padding (packing=false)"] = {**bs, "training.packing": False}
+    for name, overrides in variants.items():
+        makers[name] = (lambda o=overrides: StepTrain(base, train_records, val_records, o, total_steps=total,
+                                                        device=device))
+    t0 = time.perf_counter()
+    if device == "cuda":
+        results = {}
+        for name, make in makers.items():
+            steps = n["seed_steps"] if name == seed_name else n["eager_steps"] if "eager" in name else n["step_steps"]
+            try:
+                results[name] = measure_sequential(make, warmup=n["warmup"], steps=steps, device=device)
+            except Exception as exc:  # noqa: BLE001 -- e.g. no bitsandbytes for QLoRA: report, go on
+                log.exception("recipe %s failed", name)
+                results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+                free_memory()
+    else:
+        results = measure_interleaved(makers, warmup=n["warmup"], rounds=n["step_steps"], device=device)
+    seed = results[seed_name] if "error" not in results[seed_name] else None
+    rows = [row(name, results[name], seed) for name in makers]
+    return {"rows": rows, "raw": results, "model": model_desc, "data": source,
+            "train_conversations": len(train_ex), "val_conversations": len(val_ex),
+            "mean_tokens": sum(lengths) / len(lengths), "max_tokens": max(lengths), "sizes": n,
+            "timing": "sequential" if device == "cuda" else "interleaved rounds",
+            "seconds_total": time.perf_counter() - t0}
