@@ -125,12 +125,15 @@ def record(ctx: StepContext, version: str, url: str, status: str, detail: str) -
 
     r = schema.releases
     with db.engine().begin() as conn:
-        row_id = conn.execute(select(r.c.id).where(r.c.run_id == ctx.run_id)).scalar() or conn.execute(
-            select(r.c.id).where(r.c.registry_version == version).order_by(r.c.id.desc()).limit(1)).scalar()
-        if row_id is None:
+        row = conn.execute(select(r.c.id, r.c.detail).where(r.c.run_id == ctx.run_id)).first() or conn.execute(
+            select(r.c.id, r.c.detail).where(r.c.registry_version == version).order_by(r.c.id.desc()).limit(1)).first()
+        if row is None:
             log.warning("no release row for run %s or version %s: the deployment is not recorded", ctx.run_id, version)
             return
-        conn.execute(update(r).where(r.c.id == row_id).values(service_url=url, status=status, detail=detail))
+        # keep what earlier steps said (e.g. why the Hub push was skipped); a retry replaces its own part only
+        earlier = (row.detail or "").split(" | deploy: ")[0]
+        detail = f"{earlier} | deploy: {detail}" if earlier else f"deploy: {detail}"
+        conn.execute(update(r).where(r.c.id == row.id).values(service_url=url, status=status, detail=detail))
 
 
 def run(ctx: StepContext) -> dict:

@@ -52,6 +52,13 @@ def services():
         stack.postgres_down()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _stop_chat_service():
+    """DAG runs in tests deploy the chat service (a detached gunicorn): never leave one behind."""
+    yield
+    stack.CHAT.stop(timeout=20)
+
+
 @pytest.fixture(scope="session")
 def airflow_db(services):
     """Airflow's metadata database, migrated in the stack's Postgres (needed by dag.test())."""

@@ -52,11 +52,15 @@ def test_first_run_releases_second_keeps_the_champion(services, airflow_db, mlfl
     with db.engine().connect() as conn:
         rel = conn.execute(select(schema.releases).where(schema.releases.c.run_id == first.run_id)).one()
         ev = conn.execute(select(schema.evaluations).where(schema.evaluations.c.id == g1.candidate_eval_id)).one()
-    assert rel.registry_version == "1" and rel.status == "registered" and "no Hugging Face token" in rel.detail
+    # the push skipped (its reason is kept), then the last task deployed the chat service with this version
+    assert rel.registry_version == "1" and rel.status == "deployed" and rel.service_url.startswith("http://")
+    assert "no Hugging Face token" in rel.detail and "serving version 1" in rel.detail
+    assert states["deploy_chat_service"] == "success"
     assert ev.n_examples > 0 and ev.metrics["bleu4"] >= 0 and ev.per_intent
 
     second, states = run_dag(dagbag, {**conf, "force_retrain": True})
     assert states["register_model"] == "skipped" and states["skip_release"] == "success"
+    assert states["deploy_chat_service"] == "skipped"  # never deployed after skip_release
     g2 = gate_row(second.run_id)
     assert g2.release is False and g2.champion_eval_id == g1.candidate_eval_id  # stored evaluation reused
     assert abs(g2.score_delta) < 1e-9 and "not above the threshold" in g2.summary
