@@ -21,7 +21,7 @@ import logging
 import time
 from pathlib import Path
 
-from bench.common import PeakMemory, conversations, free_memory, model_dir, now
+from bench.common import PeakMemory, conversations, free_memory, model_dir, now, write_json
 
 log = logging.getLogger("bench.train")
 VAL_BATCHES = 2  # validation batches of 8 held-out conversations (the same for every recipe)
@@ -204,6 +204,7 @@ def main(args) -> dict:
                 log.exception("recipe %s failed", name)
                 results[name] = {"error": f"{type(exc).__name__}: {exc}"}
                 free_memory()
+            write_json(Path(args.out), "train.partial", {"raw": results, "model": model_desc})  # if time runs out
     else:
         results = measure_interleaved(makers, warmup=n["warmup"], rounds=n["step_steps"], device=device)
     seed = results[seed_name] if "error" not in results[seed_name] else None

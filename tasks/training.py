@@ -267,8 +267,8 @@ def packed_attention_mask(seq_ids, impl: str, dtype=None):
     if impl == "flex_attention":
         from torch.nn.attention.flex_attention import create_block_mask
 
-        def same_conversation(batch, head, q, kv):
-            return (q >= kv) & (seq_ids[batch, q] == seq_ids[batch, kv])
+        def same_conversation(batch, head, q, kv, seq=seq_ids):  # seq as a default, as in the measured probes
+            return (q >= kv) & (seq[batch, q] == seq[batch, kv])
 
         return create_block_mask(same_conversation, b, None, n, n, device=seq_ids.device)
     causal = torch.ones((n, n), dtype=torch.bool, device=seq_ids.device).tril()
@@ -296,8 +296,12 @@ def packed_attention_impl(tcfg, model, device) -> str:
     """training.packed_attention; auto = a flex-attention BlockMask on CUDA, else varlen SDPA (one causal SDPA
     call per conversation, no mask)."""
     choice = tcfg.packed_attention
+    cuda = str(device).startswith("cuda")
     if choice == "auto":
-        choice = "flex_attention" if str(device).startswith("cuda") and _flex_available() else "varlen_sdpa"
+        choice = "flex_attention" if cuda and _flex_available() else "varlen_sdpa"
+    elif choice in ("flex_attention", "flash_attention_2") and not cuda:
+        log.warning("training.packed_attention=%s needs CUDA (no backward on CPU); using varlen_sdpa", choice)
+        choice = "varlen_sdpa"
     return choice
 
 
@@ -450,8 +454,8 @@ def fit(model, train: list[Example], tcfg, steps: int, state: TrainState, opt, s
             for rows in batching.epoch(train, tcfg.seed, state.epoch)[state.batch_in_epoch:]:
                 if batching.packing:
                     batch = collate_packed(train, rows, batching.rows_per_step, batching.pack_length, pad_id)
-                    n_tokens, n_slots = int(sum(len(train[i].input_ids) for r in rows for i in r)), \
-                        batch["input_ids"].numel()
+                    n_tokens = sum(len(train[i].input_ids) for row in rows for i in row)
+                    n_slots = batch["input_ids"].numel()
                     inputs = packed_inputs(batch, impl, device, dtype)
                 else:
                     ids, mask, labels = collate(train, [r[0] for r in rows], pad_id, device)
