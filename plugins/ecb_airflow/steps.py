@@ -103,6 +103,16 @@ def build_command(step_name: str, run_id: str, params: dict, inputs: dict, overr
     return argv
 
 
+def _watch_supervisor(proc: subprocess.Popen, supervisor: int, done: threading.Event) -> None:
+    """Kill the step as soon as this task process loses its Airflow supervisor (the scheduler or worker holding it
+    was killed): the task runs in its own process group, so it outlives them, and the new scheduler retries the
+    task; the step must not run on beside that retry until it next prints a line and hits the closed log socket."""
+    while not done.wait(0.5):
+        if os.getppid() != supervisor:
+            proc.kill()
+            return
+
+
 def run_command(argv: list[str], log, timeout: timedelta | None, extra_env: dict | None = None) -> dict:
     """Run a step command, stream its output into the task log, return its manifest; raise on failure."""
     step_name = argv[3]
@@ -113,12 +123,15 @@ def run_command(argv: list[str], log, timeout: timedelta | None, extra_env: dict
     lines: list[str] = []
     timer = threading.Timer(timeout.total_seconds() if timeout else 1e9, proc.kill)
     timer.start()
+    done = threading.Event()
+    threading.Thread(target=_watch_supervisor, args=(proc, os.getppid(), done), daemon=True).start()
     try:
         for line in proc.stdout:
             lines.append(line)
             log.info("%s", line.rstrip("\n"))
         rc = proc.wait()
     finally:
+        done.set()
         timer.cancel()
         if proc.poll() is None:  # the task itself was killed: do not leave the step running
             proc.kill()
