@@ -93,7 +93,7 @@ def _initial_lora_a(base):
 
 def test_killed_finetune_resumes_from_its_checkpoint(mlflow_server, snapshot, tiny_base_model, uid):
     run_id = f"resume-{uid}"
-    args = finetune_args(snapshot, tiny_base_model, 300, "--set", "training.checkpoint_every=10")
+    args = finetune_args(snapshot, tiny_base_model, 80, "--set", "training.checkpoint_every=10")
     argv = [sys.executable, "-m", "tasks", "finetune", "--run-id", run_id, *args]
     meta = f"s3://ecb-platform/runs/{run_id}/finetune/checkpoint/meta.json"
     proc = subprocess.Popen(argv, cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -104,13 +104,13 @@ def test_killed_finetune_resumes_from_its_checkpoint(mlflow_server, snapshot, ti
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = s3.get_json(meta)["step"]
-    assert 0 < killed_at < 300
+    assert 0 < killed_at < 80
 
     r = run_step("finetune", run_id, *args)
     resumed = int(r.stderr.split("resuming from checkpoint at step ")[1].split()[0])
     assert resumed >= killed_at
     m = json.loads(r.stdout.splitlines()[-1])
-    assert m["metrics"]["resumed_from_step"] == resumed and m["metrics"]["steps"] == 300
+    assert m["metrics"]["resumed_from_step"] == resumed and m["metrics"]["steps"] == 80
 
 
 @pytest.mark.parametrize("args, words", [
