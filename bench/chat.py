@@ -22,9 +22,9 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from bench.common import REPO, bitext_path, table, write_json
+
 OUT = REPO / "bench" / "out"
-BITEXT = REPO.parent / "shared" / "data" / "bitext_customer_support_sample.csv"
 
 
 def questions(n: int = 200) -> list[str]:
@@ -32,8 +32,9 @@ def questions(n: int = 200) -> list[str]:
 
     from tasks import datagen
 
-    if BITEXT.exists():
-        rows = list(csv.DictReader(BITEXT.open(encoding="utf-8")))
+    path = bitext_path()
+    if path is not None:
+        rows = list(csv.DictReader(path.open(encoding="utf-8")))
     else:
         rows = datagen.generate_rows(n, seed=3)
     return [r["instruction"] for r in rows[:n]]
@@ -207,22 +208,13 @@ def main(args=None) -> dict:
         levels = [run_level(url, int(n), args.seconds, qs, args.reload_at, admin) for n in args.clients.split(",")]
     rows = [{k: v for k, v in r.items() if k not in ("versions", "error_samples")} for r in levels]
     print("\n### chat: streaming clients against the real HTTP service\n")
-    print(_table(rows))
+    print(table(rows))
     for r in levels:
         if r["error_samples"]:
             print(f"errors at {r['clients']} clients: {r['error_samples']}")
-    OUT.mkdir(parents=True, exist_ok=True)
     result = {"suite": "chat", "url": args.url or "local gunicorn", "levels": levels}
-    (OUT / "chat.json").write_text(json.dumps(result, indent=2))
+    write_json(OUT, "chat", result)
     return result
-
-
-def _table(rows: list[dict]) -> str:
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |"
-              for r in rows]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

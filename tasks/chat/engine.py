@@ -19,6 +19,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import cached_property
 
 log = logging.getLogger("tasks.chat.engine")
 
@@ -45,7 +46,9 @@ class ModelHandle:
     def context_tokens(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
 
+    @cached_property
     def eos_ids(self) -> set[int]:
+        """Token ids that end a reply; fixed for a loaded model, so computed once, not per generated token."""
         from tasks.generation import _eos_ids
 
         return set(_eos_ids(self.model, self.tokenizer))
@@ -189,7 +192,7 @@ class Batch:
     def _accept(self, job: Job, token: int) -> bool:
         """Record a token; True when the job is finished (and its done event sent)."""
         h = job.handle
-        eos = token in h.eos_ids()
+        eos = token in h.eos_ids
         if not eos:
             job.tokens.append(token)
             job.emit_text(h.tokenizer)
