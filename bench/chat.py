@@ -128,8 +128,10 @@ def _pct(values: list[float], p: int) -> float:
 class LocalService:
     """The real service under gunicorn, on an embedded Postgres, serving a freshly built demo-size model."""
 
-    def __init__(self, size: str = "demo", max_new_tokens: int = 64):
-        self.size, self.max_new_tokens = size, max_new_tokens
+    def __init__(self, size: str = "demo", max_new_tokens: int = 64, device: str = "cpu", work: str | None = None,
+                 static_cache: str = "auto", compile_step: str = "auto"):
+        self.size, self.max_new_tokens, self.device, self.work = size, max_new_tokens, device, work
+        self.static_cache, self.compile = static_cache, compile_step
         self.tmp = tempfile.TemporaryDirectory(prefix="ecb-bench-chat-")
         self.proc = None
 
@@ -146,12 +148,19 @@ class LocalService:
         env = {**os.environ, **stack.stack_env(settings)}
         os.environ["ECB_RESULTS_DB_URL"] = env["ECB_RESULTS_DB_URL"]
         db.migrate()
-        model_dir = Path(self.tmp.name) / f"bench-{self.size}"
-        build_model(model_dir, self.size)
+        if self.device == "cuda":  # TinyLlama-1.1B (cached) or its shape, random init: the GPU figures' model
+            from bench.common import model_dir as device_model
+
+            model_dir, self.model = device_model("cuda", Path(self.work or self.tmp.name))
+        else:
+            model_dir = Path(self.tmp.name) / f"bench-{self.size}"
+            build_model(model_dir, self.size)
+            self.model = f"{self.size}-size demo Llama, briefly pretrained"
         cfg_file = Path(self.tmp.name) / "chat.yaml"
         cfg_file.write_text(yaml.safe_dump({"chat": {
             "model_uri": str(model_dir), "max_new_tokens": self.max_new_tokens, "rate_limit_per_minute": 100000,
-            "create_limit_per_minute": 100000, "max_batch_size": 32}}))
+            "create_limit_per_minute": 100000, "max_batch_size": 32, "static_cache": self.static_cache,
+            "compile": self.compile}}))
         port = stack.free_port()
         self.admin = env["ECB_CHAT_ADMIN_TOKEN"]
         env.update(ECB_CONFIG=str(cfg_file), ECB_LOG_LEVEL="WARNING", ECB_DB_POOL_SIZE="8")
@@ -162,7 +171,8 @@ class LocalService:
         self.proc = subprocess.Popen(gunicorn_argv("127.0.0.1", port, 64), env=env, cwd=REPO,
                                      stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))  # noqa: SIM115
         url = f"http://127.0.0.1:{port}"
-        stack.wait_for(lambda: stack.http_ok(f"{url}/readyz"), "chat service", 300, self.log)
+        # on a GPU /readyz turns 200 after the decode step is compiled and captured (chat.compile)
+        stack.wait_for(lambda: stack.http_ok(f"{url}/readyz"), "chat service", 600, self.log)
         return url
 
     def __exit__(self, *exc) -> None:
@@ -180,7 +190,7 @@ def build_model(out: Path, size: str) -> None:
     texts = [r["instruction"] for r in rows] + [r["response"] for r in rows]
     tokenizer = demo_model.build_tokenizer(texts, vocab_size=2048 if size != "tiny" else 512)
     model = demo_model.build_model(tokenizer, size=size)
-    demo_model.pretrain(model, tokenizer, texts, steps=150 if size == "tiny" else 60)
+    demo_model.pretrain(model, tokenizer, texts, steps=150 if size == "tiny" else 120)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
@@ -193,6 +203,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reload-at", type=float, default=None, help="Admin reload this many seconds into each level.")
     p.add_argument("--size", default="demo", help="Model size when the bench starts its own service.")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="Where the started service runs (cuda: TinyLlama-1.1B shape, static cache, compiled step).")
+    p.add_argument("--work", default=None, help="Folder of built models, shared with the other suites.")
+    p.add_argument("--static-cache", default="auto", choices=("auto", "on", "off"), help="chat.static_cache")
+    p.add_argument("--compile", default="auto", choices=("auto", "on", "off"), help="chat.compile")
     return p.parse_args(argv)
 
 
@@ -202,7 +217,9 @@ def main(args=None) -> dict:
     if not isinstance(args, argparse.Namespace) or not hasattr(args, "clients"):
         args = parse(args if isinstance(args, list) else [])
     qs = questions()
-    service = nullcontext(args.url) if args.url else LocalService(args.size, args.max_new_tokens)
+    service = (nullcontext(args.url) if args.url
+               else LocalService(args.size, args.max_new_tokens, args.device, args.work, args.static_cache,
+                                 args.compile))
     with service as url:
         admin = os.environ.get("ECB_CHAT_ADMIN_TOKEN") if args.url else service.admin
         levels = [run_level(url, int(n), args.seconds, qs, args.reload_at, admin) for n in args.clients.split(",")]
@@ -212,7 +229,9 @@ def main(args=None) -> dict:
     for r in levels:
         if r["error_samples"]:
             print(f"errors at {r['clients']} clients: {r['error_samples']}")
-    result = {"suite": "chat", "url": args.url or "local gunicorn", "levels": levels}
+    result = {"suite": "chat", "url": args.url or "local gunicorn", "levels": levels,
+              "model": getattr(service, "model", "the running service's"), "max_new_tokens": args.max_new_tokens,
+              "static_cache": args.static_cache, "compile": args.compile}
     write_json(OUT, "chat", result)
     return result
 

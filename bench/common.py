@@ -130,6 +130,8 @@ def model_dir(device: str, work: Path) -> tuple[str, str]:
         torch.manual_seed(0)
         with torch.device("cuda"):
             model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        with torch.no_grad():  # the random model then only "says" tokens the demo tokenizer can print (chat suite)
+            model.lm_head.weight[len(tok):] = 0
         model.save_pretrained(folder)
         tok.save_pretrained(folder)
         del model

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU benchmark suite in one call, JSON into OUTDIR:  bench/gpu.sh OUTDIR [--device cpu --quick]
 #
+# Before the device call, here: bench/gpu_wheels.sh (wheels the image lacks into .whl/, the Bitext sample into
+# bench/out/); then one call: `bench/gpu.sh "$OUT"` carrying [".whl", "bench/out"].
 # On a GPU machine (the `device` tool): no download -- TinyLlama-1.1B-Chat from the local Hugging Face cache when
 # present, else a random-init model of its shape; the conversations come from the Bitext sample when it is found
 # (../shared/data, $ECB_BITEXT_CSV, or a copy in bench/out/ carried along), else from the demo generator.
@@ -23,13 +25,21 @@ PY=${PYTHON:-}
 if [[ -z "$PY" ]]; then
   if [[ -x .venv/bin/python ]] && .venv/bin/python -c "import torch" 2>/dev/null; then PY=.venv/bin/python; else PY=python3; fi
 fi
+# packages the device image lacks (the chat service's stack, bitsandbytes): bench/gpu_wheels.sh put them in .whl/
+if compgen -G ".whl/*.whl" > /dev/null; then
+  SITE=${TMPDIR:-/tmp}/ecb-site
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
+  then export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+  else echo "!! .whl: install failed (wheels for another Python?); suites that need them will say what is missing"
+  fi
+fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-# time limits in seconds; TRAIN+EVAL+CHAT+setup must stay under 360
-TRAIN_S=${BENCH_TRAIN_S:-180}
-EVAL_S=${BENCH_EVAL_S:-95}
-CHAT_S=${BENCH_CHAT_S:-75}
+# time limits in seconds; TRAIN+EVAL+CHAT+setup must stay under 360 (chat: ~60 s of them compile the decode step)
+TRAIN_S=${BENCH_TRAIN_S:-150}
+EVAL_S=${BENCH_EVAL_S:-75}
+CHAT_S=${BENCH_CHAT_S:-125}
 # built models (a 2.2 GB TinyLlama-shape checkpoint on GPU) are shared by the suites, outside OUTDIR
 WORK=${BENCH_WORK:-$(mktemp -d "${TMPDIR:-/tmp}/ecb-bench-XXXXXX")}
 

@@ -199,6 +199,12 @@ class ChatConfig:
     rate_limit_per_minute: int = opt(30, "Messages per client token per minute (over -> HTTP 429).", minimum=1)
     create_limit_per_minute: int = opt(60, "New conversations per client address per minute.", minimum=1)
     max_batch_size: int = opt(16, "Requests decoded together by the generation worker.", minimum=1, maximum=1024)
+    static_cache: str = opt("auto", "Decode with a preallocated per-request KV cache of fixed shape "
+                                    "(Llama-architecture models): auto = on a GPU, on, off (the dynamic cache).",
+                            choices=("auto", "on", "off"))
+    compile: str = opt("auto", "torch.compile the static-cache decode step (CUDA graphs on a GPU; compiled at "
+                               "model load, before the model serves): auto = on a GPU, on, off.",
+                       choices=("auto", "on", "off"))
     max_queue: int = opt(256, "Requests waiting for the generation worker (over -> HTTP 503).", minimum=1)
     request_timeout_s: float = opt(120.0, "A reply not finished in this time is cut off.", minimum=1.0)
     cors_origins: list = opt([], "Origins allowed to call the API from a browser (empty = CORS off).")

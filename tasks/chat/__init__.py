@@ -52,6 +52,14 @@ class ModelState:
             log.error("model load failed, still serving %s: %s", self.handle and self.handle.version, exc)
             self.reload_state.update(state="failed", error=f"{type(exc).__name__}: {exc}"[:500])
             return
+        if handle.decoder is not None:
+            try:  # before the swap, so no request waits for the compiler
+                seconds = self.generator.call(handle.decoder.warm_up, timeout=self.cfg.chat.deploy_timeout_s)
+                log.info("decode step of version %s ready in %.1fs", handle.version, seconds)
+            except RuntimeError as exc:
+                log.warning("decode step warm-up failed (%s); version %s decodes with the dynamic cache",
+                            exc, handle.version)
+                handle.decoder = None
         old, self.handle = self.handle, handle
         self.reload_state.update(state="idle")
         log.info("serving model version %s (was %s)", handle.version, old and old.version)

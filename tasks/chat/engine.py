@@ -6,6 +6,10 @@ width and an attention mask hides the padding, so one forward pass advances ever
 that arrives while others are decoding joins at the next step; a finished one leaves at once (its row is dropped from
 the cache) without waiting for the rest. Decoding is greedy, the same as the evaluate step.
 
+When the handle carries a ``static.StaticDecoder`` (on a GPU by default), ``StaticBatch`` replaces ``Batch``: every
+row owns a slot of a preallocated KV cache and the decode step has fixed shapes, so it can run as one compiled CUDA
+graph; admission, leaving and greedy decoding behave the same.
+
 A request carries the model handle it was admitted with, and the worker only batches requests of one handle: after a
 hot reload swaps the handle, requests already decoding finish on the old model and new ones wait for that batch to
 drain, so no request ever sees a half-swapped model.
@@ -13,6 +17,7 @@ drain, so no request ever sees a half-swapped model.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -37,6 +42,7 @@ class ModelHandle:
     version: str
     info: dict
     loaded_at: float = field(default_factory=time.time)
+    decoder: object = None  # static.StaticDecoder, or None for the dynamic cache
 
     @property
     def device(self):
@@ -79,6 +85,21 @@ class Job:
             self.sent = text
 
 
+@dataclass
+class Call:
+    """A function the worker thread runs between two decode steps (compiling and CUDA-graph capture of a decode step
+    must happen on the thread that will replay it)."""
+
+    fn: object
+    events: queue.Queue = field(default_factory=queue.Queue)
+
+    def run(self) -> None:
+        try:
+            self.events.put(("done", self.fn()))
+        except Exception as exc:
+            self.events.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
 class Generator:
     """The single generation worker of a process; ``submit`` is thread-safe."""
 
@@ -97,6 +118,18 @@ class Generator:
             raise QueueFull("the generation queue is full") from exc
         return job
 
+    def call(self, fn, timeout: float):
+        """Run ``fn`` on the worker thread and return its result (RuntimeError when it raised or timed out)."""
+        call = Call(fn)
+        self.inbox.put(call, timeout=timeout)
+        try:
+            kind, value = call.events.get(timeout=timeout)
+        except queue.Empty as exc:
+            raise RuntimeError(f"the generation worker did not run the call within {timeout:.0f}s") from exc
+        if kind == "error":
+            raise RuntimeError(value)
+        return value
+
     @property
     def queued(self) -> int:
         return self.inbox.qsize() + len(self.pending)
@@ -113,7 +146,7 @@ class Generator:
             except queue.Empty:
                 pass
             try:
-                self._admit(batch)
+                batch = self._admit(batch)
                 if batch.jobs:
                     batch.step()
                     self.steps += 1
@@ -123,18 +156,24 @@ class Generator:
                     job.events.put(("error", f"generation failed: {type(exc).__name__}"))
                 batch = Batch()
 
-    def _admit(self, batch: Batch) -> None:
+    def _admit(self, batch):
         """Prefill waiting requests of the batch's model into free rows (all of them when the batch is empty)."""
         waiting = deque()
         while self.pending:
             job = self.pending.popleft()
+            if isinstance(job, Call):
+                job.run()
+                continue
             if job.cancelled.is_set():
                 continue
             if len(batch.jobs) >= self.max_batch_size or (batch.jobs and job.handle is not batch.handle):
                 waiting.append(job)
                 continue
+            if not batch.jobs and batch.handle is not job.handle:
+                batch = StaticBatch(job.handle) if job.handle.decoder is not None else Batch()
             batch.add(job)
         self.pending = waiting
+        return batch
 
 
 class Batch:
@@ -157,14 +196,14 @@ class Batch:
             out = h.model(input_ids=ids, use_cache=True, logits_to_keep=1)
         token = int(out.logits[0, -1].argmax())
         job.first_token_at = time.monotonic()
-        if self._accept(job, token):
+        if accept(job, token):
             return  # finished with its first token (EOS or max_new_tokens=1): never joins the batch
         mask = torch.ones((1, ids.shape[1]), dtype=torch.long, device=device)
         pos = torch.tensor([ids.shape[1]], dtype=torch.long, device=device)
         if not self.jobs:
-            self.handle, self.cache, self.mask, self.positions, self.jobs = h, out.cache, mask, pos, [job]
+            self.handle, self.cache, self.mask, self.positions, self.jobs = h, _cache_of(out), mask, pos, [job]
             return
-        self.cache, self.mask = _merge(self.cache, self.mask, out.cache, mask)
+        self.cache, self.mask = _merge(self.cache, self.mask, _cache_of(out), mask)
         self.positions = torch.cat([self.positions, pos])
         self.jobs.append(job)
 
@@ -181,27 +220,13 @@ class Batch:
                                                      device=self.mask.device)], dim=1)
         with torch.inference_mode():
             out = self.handle.model(input_ids=last, attention_mask=self.mask, position_ids=self.positions[:, None],
-                                    cache=self.cache, use_cache=True)
-        self.cache = out.cache
+                                    use_cache=True, **{_cache_kw(): self.cache})
+        self.cache = _cache_of(out)
         self.positions = self.positions + 1
         tokens = out.logits[:, -1].argmax(dim=-1).tolist()
-        keep = [i for i, (job, tok) in enumerate(zip(self.jobs, tokens, strict=True)) if not self._accept(job, tok)]
+        keep = [i for i, (job, tok) in enumerate(zip(self.jobs, tokens, strict=True)) if not accept(job, tok)]
         if len(keep) < len(self.jobs):
             self._select(keep)
-
-    def _accept(self, job: Job, token: int) -> bool:
-        """Record a token; True when the job is finished (and its done event sent)."""
-        h = job.handle
-        eos = token in h.eos_ids
-        if not eos:
-            job.tokens.append(token)
-            job.emit_text(h.tokenizer)
-        if eos or len(job.tokens) >= job.max_new_tokens:
-            job.emit_text(h.tokenizer, final=True)
-            job.events.put(("done", {"finish_reason": "stop" if eos else "length",
-                                     "completion_tokens": len(job.tokens)}))
-            return True
-        return False
 
     def _select(self, rows: list[int]) -> None:
         import torch
@@ -218,6 +243,78 @@ class Batch:
         if first_real > 0:
             self.cache = _slice_cache(self.cache, first_real)
             self.mask = self.mask[:, first_real:]
+
+
+def accept(job: Job, token: int) -> bool:
+    """Record a token; True when the job is finished (and its done event sent)."""
+    h = job.handle
+    eos = token in h.eos_ids
+    if not eos:
+        job.tokens.append(token)
+        job.emit_text(h.tokenizer)
+    if eos or len(job.tokens) >= job.max_new_tokens:
+        job.emit_text(h.tokenizer, final=True)
+        job.events.put(("done", {"finish_reason": "stop" if eos else "length",
+                                 "completion_tokens": len(job.tokens)}))
+        return True
+    return False
+
+
+class StaticBatch:
+    """Rows decoding together in the fixed slots of a handle's ``StaticDecoder``; free slots decode a dummy token."""
+
+    def __init__(self, handle: ModelHandle):
+        self.handle, self.decoder = handle, handle.decoder
+        self.slots: list[Job | None] = [None] * self.decoder.rows
+        self.positions = [0] * self.decoder.rows
+
+    @property
+    def jobs(self) -> list[Job]:
+        return [j for j in self.slots if j is not None]
+
+    def add(self, job: Job) -> None:
+        import torch
+
+        h, row = job.handle, self.slots.index(None)
+        ids = torch.tensor([job.prompt_ids], dtype=torch.long, device=self.decoder.device)
+        with torch.inference_mode():
+            out = h.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        token = int(out.logits[0, -1].argmax())
+        job.first_token_at = time.monotonic()
+        # the slot holds `width` tokens: the reply is cut there (the API already keeps prompt + reply in the context)
+        job.max_new_tokens = max(1, min(job.max_new_tokens, self.decoder.width - ids.shape[1]))
+        if accept(job, token):
+            return
+        self.positions[row] = self.decoder.load_prefix(row, _cache_of(out))
+        self.slots[row] = job
+
+    def step(self) -> None:
+        self.slots = [None if j is not None and j.cancelled.is_set() else j for j in self.slots]
+        if not self.jobs:
+            return
+        last = [j.tokens[-1] if j is not None else 0 for j in self.slots]
+        tokens = self.decoder.step(last, self.positions)
+        for row, (job, token) in enumerate(zip(self.slots, tokens, strict=True)):
+            if job is None:
+                continue
+            self.positions[row] += 1
+            if accept(job, token):
+                self.slots[row] = None
+
+
+@functools.cache
+def _cache_kw() -> str:
+    """transformers 5.2x renamed the forward's ``past_key_values`` to ``cache`` (the GPU image may be older)."""
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def _layers(cache) -> list[tuple]:

@@ -12,6 +12,7 @@ import re
 import time
 from pathlib import Path
 
+from tasks.chat import static
 from tasks.chat.engine import ModelHandle
 
 log = logging.getLogger("tasks.chat.models")
@@ -80,8 +81,11 @@ def load(cfg, uri: str | None = None) -> ModelHandle:
         info = {"uri": uri, "name": reg["name"], "alias": reg["alias"], "version": reg["version"],
                 "base_model": reg["base_model"], "adapter_uri": reg["adapter_uri"], "run_id": reg["run_id"],
                 "snapshot_id": reg["snapshot_id"], "gate_decision": _gate_decision(reg["gate_decision_id"])}
+    handle = ModelHandle(tokenizer, model, str(info["version"]), info)
+    handle.decoder = static.build(model, cfg.chat, rows=cfg.chat.max_batch_size,
+                                  width=cfg.chat.context_tokens or handle.context_tokens)
     log.info("loaded model %s (version %s) in %.1fs", uri, info["version"], time.monotonic() - started)
-    return ModelHandle(tokenizer, model, str(info["version"]), info)
+    return handle
 
 
 def cfg_for_base(cfg, base_model: str | None):

@@ -1,0 +1,157 @@
+"""The chat generation worker gives exactly the greedy tokens of one-at-a-time ``generate``, on both cache paths.
+
+Requests are submitted together so they are admitted while others decode, with more requests than rows so rows are
+reused: on the static path a reused slot still holds the previous request's longer keys beyond the new request's
+position, which the mask must hide. The model is the tiny Llama-architecture chat model built like the demo base
+(``tiny_base_model``). The static path runs eagerly and compiled (inductor on CPU here; the CUDA-graph variant of the
+same compiled step runs in bench/gpu.sh).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from tasks import generation  # noqa: E402
+from tasks.chat import static  # noqa: E402
+from tasks.chat.engine import Generator, Job, ModelHandle  # noqa: E402
+
+QUESTIONS = [
+    "Where is my order?",
+    "I want a refund for the broken headphones I received yesterday, they do not turn on at all.",
+    "How do I change the shipping address on my account before the parcel leaves the warehouse?",
+    "cancel my subscription",
+    "Can I pay with a gift card and a credit card for the same order, and how do I do that on the app?",
+    "hi",
+    "The invoice for order 1234 shows the wrong billing name; please send a corrected invoice to my email.",
+    "Do you ship to Canada?",
+]
+MAX_NEW = [14, 9, 14, 5, 14, 12, 14, 7]  # different lengths: rows leave at different steps
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_base_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base_model, dtype=torch.float32).eval()
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                             add_generation_prompt=True) for q in QUESTIONS]
+    return tokenizer, model, prompts
+
+
+def reference(tokenizer, model, prompts) -> list[list[int]]:
+    return [generation.generate_token_ids_one_at_a_time(model, tokenizer, [p], n)[0]
+            for p, n in zip(prompts, MAX_NEW, strict=True)]
+
+
+def run_worker(handle, prompts, max_batch_size: int) -> list[tuple[list[int], dict]]:
+    worker = Generator(max_batch_size=max_batch_size)
+    jobs = [Job(handle, ids, n) for ids, n in
+            zip(generation.encode_prompts(handle.tokenizer, prompts), MAX_NEW, strict=True)]
+    for job in jobs:  # all at once: later ones join a batch that is already decoding
+        worker.submit(job)
+    results = []
+    for job in jobs:
+        while (event := job.events.get(timeout=120))[0] == "token":
+            pass
+        assert event[0] == "done", event
+        results.append((list(job.tokens), event[1]))
+    return results, worker
+
+
+@pytest.mark.parametrize("path", ["dynamic", "static", "static-compiled"])
+def test_worker_tokens_equal_one_at_a_time_generate(loaded, path):
+    tokenizer, model, prompts = loaded
+    handle = ModelHandle(tokenizer, model, "t", {})
+    if path != "dynamic":
+        handle.decoder = static.StaticDecoder(model, rows=3, width=model.config.max_position_embeddings,
+                                              compile_step=path == "static-compiled")
+    expected = reference(tokenizer, model, prompts)
+    results, worker = run_worker(handle, prompts, max_batch_size=3)
+    if path == "static-compiled":
+        assert handle.decoder.compiled is not None  # it did not fall back to eager
+    assert [tokens for tokens, _ in results] == expected
+    for (tokens, done), limit in zip(results, MAX_NEW, strict=True):
+        assert done["completion_tokens"] == len(tokens)
+        assert done["finish_reason"] == ("length" if len(tokens) == limit else "stop")
+    assert worker.steps > 0
+
+
+def test_static_slot_hides_stale_keys_of_a_longer_earlier_request(loaded):
+    """One row, used first by the longest prompt and then by the shortest: the short one must not see the rest."""
+    tokenizer, model, prompts = loaded
+    longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    shortest = min(range(len(prompts)), key=lambda i: len(prompts[i]))
+    handle = ModelHandle(tokenizer, model, "t", {})
+    handle.decoder = static.StaticDecoder(model, rows=1, width=model.config.max_position_embeddings)
+    pair = [prompts[longest], prompts[shortest]]
+    worker = Generator(max_batch_size=1)
+    ids = generation.encode_prompts(tokenizer, pair)
+    jobs = [worker.submit(Job(handle, x, 14)) for x in ids]
+    got = []
+    for job in jobs:
+        while job.events.get(timeout=120)[0] == "token":
+            pass
+        got.append(job.tokens)
+    assert got == [generation.generate_token_ids_one_at_a_time(model, tokenizer, [p], 14)[0] for p in pair]
+    assert len(ids[0]) > len(ids[1]) + 10  # the stale region really is there
+
+
+def test_static_path_is_chosen_by_config_and_architecture(loaded):
+    from tasks.config import ChatConfig
+
+    _, model, _ = loaded
+    assert static.build(model, ChatConfig(static_cache="off"), rows=2, width=64) is None
+    assert static.build(model, ChatConfig(static_cache="auto"), rows=2, width=64) is None  # CPU: dynamic cache
+    decoder = static.build(model, ChatConfig(static_cache="on", compile="off"), rows=2, width=64)
+    assert decoder is not None and decoder.compiled is None
+    assert decoder.keys[0].shape == (2, model.config.num_key_value_heads, 64, decoder.head_dim)
+    assert static.unsupported_reason(torch.nn.Linear(2, 2)) is not None
+
+
+def test_reload_warms_up_the_static_step_on_the_worker_or_falls_back(loaded):
+    """The warm-up (compile + CUDA-graph capture on a GPU) runs on the generation thread before the swap; a decoder
+    whose step cannot run is dropped and the version serves on the dynamic cache instead of failing to load."""
+    import threading
+
+    from tasks.chat import ModelState
+    from tasks.config import Config
+
+    tokenizer, model, prompts = loaded
+    threads = []
+
+    class Probe(static.StaticDecoder):
+        def warm_up(self):
+            threads.append(threading.current_thread().name)
+            return super().warm_up()
+
+    class Broken(static.StaticDecoder):
+        def _forward(self, ids, pos):
+            raise RuntimeError("no kernel for this device")
+
+    def loader(decoder_cls):
+        def load(cfg, uri):
+            handle = ModelHandle(tokenizer, model, uri or "v1", {})
+            handle.decoder = decoder_cls(model, rows=2, width=model.config.max_position_embeddings)
+            return handle
+        return load
+
+    state = ModelState(Config(), loader(Probe))
+    state.reload(wait=True)
+    assert threads == ["generation-worker"] and state.handle.decoder is not None
+    ids = generation.encode_prompts(tokenizer, prompts[:1])[0]
+    job = state.generator.submit(Job(state.handle, ids, 6))
+    while job.events.get(timeout=60)[0] == "token":
+        pass
+    assert job.tokens == generation.generate_token_ids_one_at_a_time(model, tokenizer, prompts[:1], 6)[0]
+
+    state.loader = loader(Broken)
+    state.reload("v2", wait=True)
+    assert state.handle.version == "v2" and state.handle.decoder is None
+    job = state.generator.submit(Job(state.handle, ids, 6))
+    while (event := job.events.get(timeout=60))[0] == "token":
+        pass
+    assert event[0] == "done" and len(job.tokens) > 0
