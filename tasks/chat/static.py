@@ -61,7 +61,7 @@ class StaticDecoder:
         self._row_index = torch.arange(rows, device=p.device)
         self.compiled = None
         if compile_step:
-            for t in (*self.keys, *self.values):
+            for t in (*self.keys, *self.values, self._columns, self._row_index):
                 torch._dynamo.mark_static_address(t)  # in-place writes must not break the CUDA graph
             mode = "reduce-overhead" if p.device.type == "cuda" else "default"
             self.compiled = torch.compile(self._forward, mode=mode, fullgraph=True, dynamic=False)
@@ -107,12 +107,10 @@ class StaticDecoder:
     def _forward(self, ids, pos):
         """[rows] last tokens at [rows] positions -> [rows] next tokens. Writes each row's key/value at its position
         (the same value again if a failed compiled call already wrote it, so a retry is harmless)."""
-        import torch.nn.functional as F  # noqa: N812
-
         core, n = self.core, ids.shape[0]
         x = core.embed_tokens(ids[:, None])  # [rows, 1, hidden]
         cos, sin = core.rotary_emb(x, pos[:, None])
-        visible = (self._columns[None, :] <= pos[:, None])[:, None, None, :]  # [rows, 1, 1, width]
+        hidden = (self._columns[None, :] > pos[:, None])[:, None, None, :]  # [rows, 1, 1, width]: after pos
         for i, layer in enumerate(core.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
@@ -122,12 +120,27 @@ class StaticDecoder:
             q, k = self._rope(q, k, cos, sin)
             self.keys[i][self._row_index, :, pos] = k[:, :, 0]
             self.values[i][self._row_index, :, pos] = v[:, :, 0]
-            o = F.scaled_dot_product_attention(q, self.keys[i], self.values[i], attn_mask=visible,
-                                               scale=attn.scaling, enable_gqa=True)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(n, 1, -1))
+            o = self._attend(q, self.keys[i], self.values[i], hidden, attn.scaling)
+            x = x + attn.o_proj(o.reshape(n, 1, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         logits = self.model.lm_head(core.norm(x)[:, -1])
         return logits.argmax(dim=-1)
+
+    @staticmethod
+    def _attend(q, keys, values, hidden, scale):
+        """Attention of one query token per row over its slot, grouped-query without expanding the cache: the query
+        heads sharing a KV head are one matrix [groups, head_dim] against that head's keys (SDPA with a mask and
+        enable_gqa may take the math kernel, which copies every KV head ``groups`` times: for one query token that
+        copy would cost more than the attention itself).
+        Softmax in float32 like the model's eager attention. Returns [rows, heads * head_dim]."""
+        import torch
+
+        rows, heads, _, dim = q.shape
+        kv_heads = keys.shape[1]
+        qg = q.reshape(rows, kv_heads, heads // kv_heads, dim)  # query head h reads KV head h // groups
+        scores = torch.matmul(qg, keys.transpose(-1, -2)) * scale  # [rows, kv_heads, groups, width]
+        weights = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(weights, values).reshape(rows, heads * dim)
 
 
 def build(model, chat_cfg, rows: int, width: int) -> StaticDecoder | None:
