@@ -53,16 +53,25 @@ class ModelState:
             self.reload_state.update(state="failed", error=f"{type(exc).__name__}: {exc}"[:500])
             return
         if handle.decoder is not None:
-            try:  # before the swap, so no request waits for the compiler
-                seconds = self.generator.call(handle.decoder.warm_up, timeout=self.cfg.chat.deploy_timeout_s)
-                log.info("decode step of version %s ready in %.1fs", handle.version, seconds)
-            except RuntimeError as exc:
-                log.warning("decode step warm-up failed (%s); version %s decodes with the dynamic cache",
-                            exc, handle.version)
-                handle.decoder = None
+            self._warm_up(handle)
         old, self.handle = self.handle, handle
         self.reload_state.update(state="idle")
         log.info("serving model version %s (was %s)", handle.version, old and old.version)
+
+
+    def _warm_up(self, handle) -> None:
+        """Compile the static decode step before the swap, so no request waits for the compiler. The compile runs
+        here, beside the serving model; only the CUDA-graph capture, which belongs to the thread that will replay
+        the graph, runs on the generation worker (a pause of a few steps for the replies in flight)."""
+        try:
+            compiled = handle.decoder.warm_up()
+            captured = self.generator.call(handle.decoder.warm_up, timeout=self.cfg.chat.deploy_timeout_s)
+            log.info("decode step of version %s ready: %.1fs to compile (%s), %.2fs on the generation worker",
+                     handle.version, compiled, "compiled" if handle.decoder.compiled else "eager", captured)
+        except Exception as exc:  # the version still serves, on the dynamic cache
+            log.warning("decode step warm-up failed (%s: %s); version %s decodes with the dynamic cache",
+                        type(exc).__name__, exc, handle.version)
+            handle.decoder = None
 
 
 def create_app(config=None, *, loader=None, wait_for_model: bool = False) -> Flask:

@@ -113,8 +113,9 @@ def test_static_path_is_chosen_by_config_and_architecture(loaded):
 
 
 def test_reload_warms_up_the_static_step_on_the_worker_or_falls_back(loaded):
-    """The warm-up (compile + CUDA-graph capture on a GPU) runs on the generation thread before the swap; a decoder
-    whose step cannot run is dropped and the version serves on the dynamic cache instead of failing to load."""
+    """The warm-up runs before the swap: compiling on the loader thread, then again on the generation thread (where a
+    GPU captures the CUDA graph it will replay); a decoder whose step cannot run is dropped and the version serves
+    on the dynamic cache instead of failing to load."""
     import threading
 
     from tasks.chat import ModelState
@@ -135,13 +136,15 @@ def test_reload_warms_up_the_static_step_on_the_worker_or_falls_back(loaded):
     def loader(decoder_cls):
         def load(cfg, uri):
             handle = ModelHandle(tokenizer, model, uri or "v1", {})
-            handle.decoder = decoder_cls(model, rows=2, width=model.config.max_position_embeddings)
+            handle.decoder = decoder_cls(model, rows=2, width=model.config.max_position_embeddings,
+                                         compile_step=decoder_cls is Probe)
             return handle
         return load
 
     state = ModelState(Config(), loader(Probe))
     state.reload(wait=True)
-    assert threads == ["generation-worker"] and state.handle.decoder is not None
+    assert threads == ["model-loader", "generation-worker"] and state.handle.decoder is not None
+    assert state.handle.decoder.compiled is not None  # compiled on the loader thread, replayed on the worker
     ids = generation.encode_prompts(tokenizer, prompts[:1])[0]
     job = state.generator.submit(Job(state.handle, ids, 6))
     while job.events.get(timeout=60)[0] == "token":
