@@ -7,7 +7,7 @@
 Each client loops for the fixed time: open a conversation, send a real customer question (Bitext sample when present)
 with ``stream: true``, read the Server-Sent Events to the end. Time to first token (TTFT) is measured at the first
 ``token`` event; tokens come from the stored reply's ``completion_tokens``. Any non-200 answer, ``error`` event or
-broken stream counts as an error. Writes bench/out/chat.json and prints a Markdown table.
+broken stream counts as an error. Prints a Markdown table; `python -m bench chat` writes <--out>/chat.json.
 """
 
 from __future__ import annotations
@@ -232,9 +232,8 @@ def main(args=None) -> dict:
     result = {"suite": "chat", "url": args.url or "local gunicorn", "levels": levels,
               "model": getattr(service, "model", "the running service's"), "max_new_tokens": args.max_new_tokens,
               "static_cache": args.static_cache, "compile": args.compile}
-    write_json(OUT, "chat", result)
-    return result
+    return result  # `python -m bench chat` writes it to --out
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    write_json(OUT, "chat", main(sys.argv[1:]))
