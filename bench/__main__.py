@@ -130,8 +130,8 @@ def suite_chat(args) -> dict | None:
         print("\n### chat\n\nchat suite not available (bench/chat.py is missing); skipped\n", flush=True)
         return None
     argv = list(args.rest)
-    if "--seconds" not in argv:  # quick mode: 6 s per concurrency level; GPU: 10 s (gpu.sh's 6-minute budget)
-        argv += ["--seconds", "6" if args.quick else "10"] if args.quick or args.device == "cuda" else []
+    if "--seconds" not in argv and (args.quick or args.device == "cuda"):
+        argv += ["--seconds", "6" if args.quick else "10"]  # quick: 6 s per level; GPU: 10 s (gpu.sh's 6 minutes)
     if "--url" not in argv:
         argv += ["--device", args.device, "--work", str(args.work)]
     return chat.main(argv)

@@ -229,10 +229,9 @@ def main(args=None) -> dict:
     for r in levels:
         if r["error_samples"]:
             print(f"errors at {r['clients']} clients: {r['error_samples']}")
-    result = {"suite": "chat", "url": args.url or "local gunicorn", "levels": levels,
-              "model": getattr(service, "model", "the running service's"), "max_new_tokens": args.max_new_tokens,
-              "static_cache": args.static_cache, "compile": args.compile}
-    return result  # `python -m bench chat` writes it to --out
+    return {"suite": "chat", "url": args.url or "local gunicorn", "levels": levels,  # bench writes it to --out
+            "model": getattr(service, "model", "the running service's"), "max_new_tokens": args.max_new_tokens,
+            "static_cache": args.static_cache, "compile": args.compile}
 
 
 if __name__ == "__main__":

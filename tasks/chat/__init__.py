@@ -58,7 +58,6 @@ class ModelState:
         self.reload_state.update(state="idle")
         log.info("serving model version %s (was %s)", handle.version, old and old.version)
 
-
     def _warm_up(self, handle) -> None:
         """Compile the static decode step before the swap, so no request waits for the compiler. The compile runs
         here, beside the serving model; only the CUDA-graph capture, which belongs to the thread that will replay

@@ -17,14 +17,13 @@ drain, so no request ever sees a half-swapped model.
 
 from __future__ import annotations
 
-import functools
 import logging
 import queue
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cache, cached_property
 
 log = logging.getLogger("tasks.chat.engine")
 
@@ -87,8 +86,8 @@ class Job:
 
 @dataclass
 class Call:
-    """A function the worker thread runs between two decode steps (compiling and CUDA-graph capture of a decode step
-    must happen on the thread that will replay it)."""
+    """A function the worker thread runs between two decode steps (a CUDA graph is captured per thread, so the static
+    decode step's capture must happen on the thread that will replay it)."""
 
     fn: object
     events: queue.Queue = field(default_factory=queue.Queue)
@@ -189,21 +188,16 @@ class Batch:
     def add(self, job: Job) -> None:
         import torch
 
-        h = job.handle
-        device = h.device
-        ids = torch.tensor([job.prompt_ids], dtype=torch.long, device=device)
-        with torch.inference_mode():
-            out = h.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        token = int(out.logits[0, -1].argmax())
-        job.first_token_at = time.monotonic()
-        if accept(job, token):
+        cache = prefill(job)
+        if cache is None:
             return  # finished with its first token (EOS or max_new_tokens=1): never joins the batch
-        mask = torch.ones((1, ids.shape[1]), dtype=torch.long, device=device)
-        pos = torch.tensor([ids.shape[1]], dtype=torch.long, device=device)
+        device, n = job.handle.device, len(job.prompt_ids)
+        mask = torch.ones((1, n), dtype=torch.long, device=device)
+        pos = torch.tensor([n], dtype=torch.long, device=device)
         if not self.jobs:
-            self.handle, self.cache, self.mask, self.positions, self.jobs = h, _cache_of(out), mask, pos, [job]
+            self.handle, self.cache, self.mask, self.positions, self.jobs = job.handle, cache, mask, pos, [job]
             return
-        self.cache, self.mask = _merge(self.cache, self.mask, _cache_of(out), mask)
+        self.cache, self.mask = _merge(self.cache, self.mask, cache, mask)
         self.positions = torch.cat([self.positions, pos])
         self.jobs.append(job)
 
@@ -220,7 +214,7 @@ class Batch:
                                                      device=self.mask.device)], dim=1)
         with torch.inference_mode():
             out = self.handle.model(input_ids=last, attention_mask=self.mask, position_ids=self.positions[:, None],
-                                    use_cache=True, **{_cache_kw(): self.cache})
+                                    use_cache=True, **{_cache_kw(type(self.handle.model)): self.cache})
         self.cache = _cache_of(out)
         self.positions = self.positions + 1
         tokens = out.logits[:, -1].argmax(dim=-1).tolist()
@@ -243,6 +237,19 @@ class Batch:
         if first_real > 0:
             self.cache = _slice_cache(self.cache, first_real)
             self.mask = self.mask[:, first_real:]
+
+
+def prefill(job: Job):
+    """Run the job's prompt alone (batch 1, no padding) and take its first token; returns the prompt's KV cache, or
+    None when that token already finished the job."""
+    import torch
+
+    h = job.handle
+    ids = torch.tensor([job.prompt_ids], dtype=torch.long, device=h.device)
+    with torch.inference_mode():
+        out = h.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    job.first_token_at = time.monotonic()
+    return None if accept(job, int(out.logits[0, -1].argmax())) else _cache_of(out)
 
 
 def accept(job: Job, token: int) -> bool:
@@ -273,19 +280,13 @@ class StaticBatch:
         return [j for j in self.slots if j is not None]
 
     def add(self, job: Job) -> None:
-        import torch
-
-        h, row = job.handle, self.slots.index(None)
-        ids = torch.tensor([job.prompt_ids], dtype=torch.long, device=self.decoder.device)
-        with torch.inference_mode():
-            out = h.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        token = int(out.logits[0, -1].argmax())
-        job.first_token_at = time.monotonic()
         # the slot holds `width` tokens: the reply is cut there (the API already keeps prompt + reply in the context)
-        job.max_new_tokens = max(1, min(job.max_new_tokens, self.decoder.width - ids.shape[1]))
-        if accept(job, token):
+        job.max_new_tokens = max(1, min(job.max_new_tokens, self.decoder.width - len(job.prompt_ids)))
+        cache = prefill(job)
+        if cache is None:
             return
-        self.positions[row] = self.decoder.load_prefix(row, _cache_of(out))
+        row = self.slots.index(None)
+        self.positions[row] = self.decoder.load_prefix(row, cache)
         self.slots[row] = job
 
     def step(self) -> None:
@@ -302,14 +303,12 @@ class StaticBatch:
                 self.slots[row] = None
 
 
-@functools.cache
-def _cache_kw() -> str:
+@cache
+def _cache_kw(model_cls) -> str:
     """transformers 5.2x renamed the forward's ``past_key_values`` to ``cache`` (the GPU image may be older)."""
     import inspect
 
-    from transformers import LlamaForCausalLM
-
-    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(model_cls.forward).parameters else "past_key_values"
 
 
 def _cache_of(out):

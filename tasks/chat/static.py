@@ -24,8 +24,8 @@ SUPPORTED = ("llama",)  # architectures whose attention is exactly LlamaAttentio
 
 
 def wanted(setting: str, device) -> bool:
-    """'on' / 'off' as given; 'auto' = on for CUDA devices (on CPU the eager dynamic cache is as fast)."""
-    return setting == "on" or (setting == "auto" and getattr(device, "type", str(device)) == "cuda")
+    """'on' / 'off' as given; 'auto' = on for CUDA devices (on CPU the dynamic cache is faster: bench/RESULTS.md)."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
 def unsupported_reason(model) -> str | None:
@@ -96,7 +96,8 @@ class StaticDecoder:
 
     def warm_up(self) -> float:
         """Run the step a few times on free rows (compile, then CUDA-graph warm-up and capture); returns seconds.
-        Call it on the thread that decodes. Writes only position 0 of each row, which every prefill overwrites."""
+        The capture belongs to the calling thread, so the thread that decodes runs it too (the compiled code is shared
+        by all threads). Writes only position 0 of each row, which every prefill overwrites."""
         import time
 
         started = time.monotonic()
