@@ -50,9 +50,9 @@ def suite_eval(args) -> dict:
     import torch
 
     from bench import seed as seed_recipe
-    from tasks import finetune, generation
     from tasks.config import load_config
-    from tasks.training import device_and_dtype
+    from tasks.ml import generation, models
+    from tasks.ml.training import device_and_dtype
 
     device = args.device
     gpu = device == "cuda"
@@ -67,9 +67,9 @@ def suite_eval(args) -> dict:
     cfg = load_config(None, overrides={"model.base_model": base})
     batch_size = args.batch_size or cfg.eval.batch_size
     dev, dtype = device_and_dtype(cfg.training)
-    tokenizer, model = finetune.load_base(cfg, dev, dtype)
+    tokenizer, model = models.load_base(cfg, dev, dtype)
     model.config.use_cache = True
-    model = finetune.add_lora(model, cfg, seed=0)
+    model = models.add_lora(model, cfg, seed=0)
     with torch.no_grad():  # a "trained" adapter: B is zero at init, which would make merging a no-op
         gen = torch.Generator().manual_seed(0)
         for name, p in model.named_parameters():
@@ -156,9 +156,9 @@ def suite_dag(args) -> dict:
 def suite_quality(args) -> dict:
     """BLEU/ROUGE of the base model and of base + the fine-tuned adapter on the same test split (needs the stack's
     environment: `source .ecb/stack.env`)."""
-    from tasks import evaluate
     from tasks.config import load_config
-    from tasks.finetune import read_split
+    from tasks.data.snapshots import read_split
+    from tasks.ml import evaluation, models
 
     if not (args.snapshot_uri and args.adapter_uri):
         raise SystemExit("quality needs --snapshot-uri and --adapter-uri (from a finished training run)")
@@ -166,8 +166,8 @@ def suite_quality(args) -> dict:
     records = read_split(args.snapshot_uri, "test")
     rows = []
     for label, adapter in (("base model", None), ("fine-tuned (base + LoRA)", args.adapter_uri)):
-        tokenizer, model = evaluate.load_for_inference(cfg, adapter)
-        r = evaluate.score(model, tokenizer, records, cfg.eval)
+        tokenizer, model = models.load_for_inference(cfg, adapter)
+        r = evaluation.score(model, tokenizer, records, cfg.eval)
         rows.append({"model": label, "examples": r["n"], **{k: r["scores"][k] for k in
                      ("bleu1", "bleu2", "bleu3", "bleu4", "rougeL_precision")}, "weighted": r["weighted_score"]})
     return {"rows": rows, "snapshot_uri": args.snapshot_uri, "adapter_uri": args.adapter_uri}

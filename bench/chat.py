@@ -30,7 +30,7 @@ OUT = REPO / "bench" / "out"
 def questions(n: int = 200) -> list[str]:
     import csv
 
-    from tasks import datagen
+    from tasks.demo import datagen
 
     path = bitext_path()
     if path is not None:
@@ -141,7 +141,8 @@ class LocalService:
         import yaml
 
         os.environ.setdefault("ECB_STATE_DIR", str(REPO / ".ecb-bench"))
-        from tasks import db, stack
+        from tasks.devstack import stack
+        from tasks.io import db
 
         settings = stack.init_settings(airflow_port=stack.free_port())
         stack.postgres_up(settings)
@@ -164,7 +165,7 @@ class LocalService:
         port = stack.free_port()
         self.admin = env["ECB_CHAT_ADMIN_TOKEN"]
         env.update(ECB_CONFIG=str(cfg_file), ECB_LOG_LEVEL="WARNING", ECB_DB_POOL_SIZE="8")
-        from tasks.deploy_chat import gunicorn_argv
+        from tasks.release.deploy import gunicorn_argv
 
         self.log = stack.state_dir() / "logs" / "bench-chat.log"
         self.log.parent.mkdir(parents=True, exist_ok=True)
@@ -184,7 +185,8 @@ class LocalService:
 
 def build_model(out: Path, size: str) -> None:
     """A demo-architecture chat model (the same builder as `make demo`), briefly pretrained so replies are text."""
-    from tasks import datagen, demo_model
+    from tasks.demo import datagen
+    from tasks.demo import model as demo_model
 
     rows = datagen.generate_rows(600, seed=1)
     texts = [r["instruction"] for r in rows] + [r["response"] for r in rows]

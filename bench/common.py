@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+VAL_BATCHES = 2  # validation batches of 8 held-out conversations (the same for every bench train recipe)
 # ../shared does not travel to a GPU machine: copy the sample to bench/out/ (ignored) and carry it there.
 BITEXT_CANDIDATES = [Path(os.environ["ECB_BITEXT_CSV"])] if os.environ.get("ECB_BITEXT_CSV") else []
 BITEXT_CANDIDATES += [REPO.parent / "shared" / "data" / "bitext_customer_support_sample.csv",
@@ -45,8 +46,9 @@ def bitext_path() -> Path | None:
 def conversations(n: int | None = None) -> tuple[list[dict], str]:
     """ChatML conversations from the real Bitext sample (tasks/chatml.py's row cleaning and conversion), else from
     the demo generator; returns (records, source)."""
-    from tasks import chatml, datagen
     from tasks.config import Config
+    from tasks.data import chatml
+    from tasks.demo import datagen
 
     cfg = Config().data
     path = bitext_path()
@@ -62,8 +64,8 @@ def conversations(n: int | None = None) -> tuple[list[dict], str]:
 
 def demo_tokenizer(vocab_size: int = 2048):
     """The demo base model's tokenizer (same builder as `make demo`), trained on generated shop texts."""
-    from tasks import datagen
-    from tasks import demo_model as dm
+    from tasks.demo import datagen
+    from tasks.demo import model as dm
 
     rows = datagen.generate_rows(800, seed=0)
     return dm.build_tokenizer([r["instruction"] for r in rows] + [r["response"] for r in rows], vocab_size=vocab_size)
@@ -107,7 +109,7 @@ def model_dir(device: str, work: Path) -> tuple[str, str]:
     """(folder of the base model + tokenizer in Hugging Face format, description) for this device."""
     import torch
 
-    from tasks import demo_model as dm
+    from tasks.demo import model as dm
 
     if device != "cuda":
         folder = work / "demo-llama"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 
-from bench.common import now
+from bench.common import VAL_BATCHES, now
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEED_LEN, SEED_BATCH, SEED_LR = 512, 4, 5e-4
@@ -35,7 +35,7 @@ def seed_batches(examples, n_batches: int, pad_id: int, seed: int = 0):
     """Batches of 4 in a seeded shuffled order, each sample padded/cut to 512: (ids, mask, labels, real tokens)."""
     import torch
 
-    from tasks.training import IGNORE
+    from tasks.ml.training import IGNORE
 
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
@@ -93,8 +93,7 @@ class SeedTrain:
             self.slots += ids.numel()
 
     def val_loss(self) -> float:
-        from bench.train import VAL_BATCHES
-        from tasks.training import validation_loss
+        from tasks.ml.training import validation_loss
 
         return validation_loss(self.model, self.val, 8, VAL_BATCHES, self.pad_id, self.device)
 
@@ -107,7 +106,7 @@ def seed_eval(model, tokenizer, prompts: list[str], device: str, new_tokens: int
     sampled at temperature 0.8, `new_tokens` new tokens each."""
     import torch
 
-    from tasks.generation import _pad_id, encode_prompts
+    from tasks.ml.generation import _pad_id, encode_prompts
 
     if not prompts:
         return {"examples": 0, "seconds": 0.0, "new_tokens": 0}

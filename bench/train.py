@@ -2,7 +2,7 @@
 
 Both run in this process on the same conversations (the Bitext sample rendered with the model's chat template,
 assistant-only labels; every 10th conversation held out for the validation loss). The step path is the step's
-functions, not a copy: ``finetune.load_base`` -> ``finetune.add_lora`` -> ``training.make_optimizer`` ->
+functions, not a copy: ``models.load_base`` -> ``models.add_lora`` -> ``training.make_optimizer`` ->
 ``training.fit`` with the step's config (packing, bf16 and torch.compile on CUDA, no gradient checkpointing).
 
 CPU: all recipes are built side by side and timed interleaved, one optimizer step each per round, after one
@@ -21,10 +21,9 @@ import logging
 import time
 from pathlib import Path
 
-from bench.common import PeakMemory, conversations, free_memory, model_dir, now, write_json
+from bench.common import VAL_BATCHES, PeakMemory, conversations, free_memory, model_dir, now, write_json
 
 log = logging.getLogger("bench.train")
-VAL_BATCHES = 2  # validation batches of 8 held-out conversations (the same for every recipe)
 
 
 def sizes(device: str, quick: bool) -> dict:
@@ -47,17 +46,17 @@ class StepTrain:
 
     def __init__(self, base: str, records: list[dict], val_records: list[dict], overrides: dict, *,
                  total_steps: int, device: str):
-        from tasks import finetune
-        from tasks.training import TrainState, device_and_dtype, encode_all, make_optimizer, plan_batching
+        from tasks.ml import models
+        from tasks.ml.training import TrainState, device_and_dtype, encode_all, make_optimizer, plan_batching
 
         self.cfg = cfg = step_config(base, {**overrides, "training.max_steps": total_steps})
         self.dev, self.dtype = device_and_dtype(cfg.training)
         if self.dev != device:
             raise SystemExit(f"the step would train on {self.dev}, the benchmark asked for {device}")
-        self.tokenizer, model = finetune.load_base(cfg, self.dev, self.dtype)
+        self.tokenizer, model = models.load_base(cfg, self.dev, self.dtype)
         self.train = encode_all(self.tokenizer, records, cfg.model.max_seq_len)
         self.val = encode_all(self.tokenizer, val_records, cfg.model.max_seq_len)
-        self.model = finetune.add_lora(model, cfg, cfg.training.seed)
+        self.model = models.add_lora(model, cfg, cfg.training.seed)
         self.opt, self.sched = make_optimizer(self.model, cfg.training, total_steps)
         self.state = TrainState()
         batching = plan_batching(self.train, cfg.training, self.dev)
@@ -66,7 +65,7 @@ class StepTrain:
         self.mark: tuple | None = None
 
     def run_to(self, step: int, mark_at: int | None = None) -> None:
-        from tasks.training import fit
+        from tasks.ml.training import fit
 
         def on_step(st, loss: float) -> bool:
             if st.step == mark_at:  # fit has just read the loss (.item()): the device is idle
@@ -93,7 +92,7 @@ class StepTrain:
         return self.state.losses[-1][1]
 
     def val_loss(self) -> float:
-        from tasks.training import validation_loss
+        from tasks.ml.training import validation_loss
 
         return validation_loss(self.model, self.val, 8, VAL_BATCHES, self.tokenizer.pad_token_id, self.dev)
 
@@ -168,7 +167,7 @@ def main(args) -> dict:
     from transformers import AutoTokenizer
 
     from bench.seed import SeedTrain
-    from tasks.training import encode_all
+    from tasks.ml.training import encode_all
 
     device, quick = args.device, args.quick
     n = sizes(device, quick)

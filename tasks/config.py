@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -18,15 +19,13 @@ from typing import Any
 
 import yaml
 
+from tasks.errors import ConfigError  # noqa: F401 - re-exported: callers catch config.ConfigError
+
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "include" / "config" / "default.yaml"
 
 
 # Sections whose values change what a trained model is; their hash decides whether a nightly run may stop early.
 TRAINING_SECTIONS = ("data", "model", "lora", "training", "hpo")
-
-
-class ConfigError(ValueError):
-    """A config value is unknown, of the wrong type or out of range; the message names the field."""
 
 
 def opt(default: Any, help: str, *, minimum: float | None = None, maximum: float | None = None,
@@ -168,6 +167,8 @@ class GateConfig:
     min_eval_examples: int = opt(20, "Fail closed when the evaluation has fewer examples.", minimum=1)
     bootstrap_resamples: int = opt(1000, "Paired bootstrap resamples for the delta's confidence interval.",
                                    minimum=100)
+    bootstrap_seed: int = opt(0, "Seed of the paired bootstrap (the same evaluations always give the same interval).",
+                              minimum=0)
 
 
 @dataclass
@@ -303,6 +304,8 @@ def _coerce(name: str, value: Any, typ: Any, meta: dict) -> Any:
     if base is bool and not isinstance(value, bool) or base is not bool and isinstance(value, bool) \
             or not isinstance(value, base):
         raise ConfigError(f"config field '{name}': expected {base.__name__}, got {value!r}")
+    if base is float and not math.isfinite(value):
+        raise ConfigError(f"config field '{name}': must be a finite number, got {value!r}")
     if meta.get("minimum") is not None and value < meta["minimum"]:
         raise ConfigError(f"config field '{name}': {value!r} is below the minimum {meta['minimum']}")
     if meta.get("maximum") is not None and value > meta["maximum"]:

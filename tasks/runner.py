@@ -1,4 +1,4 @@
-"""Dispatch ``python -m tasks <step>`` to a step module and emit its manifest.
+"""Dispatch ``python -m tasks <step>`` to its module in tasks/steps/ and emit the manifest.
 
 Each step module exposes ``run(ctx: StepContext) -> dict``. Heavy imports live inside those functions, so
 ``python -m tasks --help`` stays fast.
@@ -12,54 +12,19 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks.config import Config, ConfigError, load_config
+from tasks.config import load_config
+from tasks.context import StepContext
+from tasks.errors import ConfigError, StepError
 
-# step name -> "module[:function]" implementing it (function(ctx) -> manifest dict; default function: run)
-STEPS = {
-    "migrate": "tasks.db",
-    "sync_raw_data": "tasks.sync_raw_data",
-    "prepare_chatml": "tasks.prepare_chatml",
-    "generate_demo_data": "tasks.datagen",
-    "build_demo_model": "tasks.demo_model",
-    "plan_hpo": "tasks.hpo:plan",
-    "hpo_trial": "tasks.hpo:trial",
-    "select_best": "tasks.hpo:select_best",
-    "finetune": "tasks.finetune",
-    "evaluate": "tasks.evaluate",
-    "quality_gate": "tasks.quality_gate",
-    "register_model": "tasks.registry",
-    "push_to_hub": "tasks.push_to_hub",
-    "deploy_chat_service": "tasks.deploy_chat",
-}
+# Every step name is one module in tasks/steps/ with a run(ctx) -> manifest function.
+STEPS = ("migrate", "sync_raw_data", "prepare_chatml", "generate_demo_data", "build_demo_model", "plan_hpo",
+         "hpo_trial", "select_best", "finetune", "evaluate", "quality_gate", "register_model", "push_to_hub",
+         "deploy_chat_service")
 
 K8S_XCOM_PATH = Path("/airflow/xcom/return.json")
 log = logging.getLogger("tasks")
-
-
-class StepError(RuntimeError):
-    """A step failed for a reason a person can act on; the message says what and where."""
-
-
-@dataclass
-class StepContext:
-    step: str
-    run_id: str
-    config: Config
-    overrides: list[str] = field(default_factory=list)
-    inputs: dict[str, str] = field(default_factory=dict)
-    config_path: str | None = None
-
-    def config_with(self, extra: dict) -> Config:
-        """This run's config (same file, same --set overrides) with more overrides on top, e.g. HPO's choices."""
-        return load_config(self.config_path, [*self.overrides, *(f"{k}={json.dumps(v)}" for k, v in extra.items())])
-
-    def require_input(self, key: str) -> str:
-        if not self.inputs.get(key):
-            raise StepError(f"step {self.step} needs --input {key}=... (got inputs: {sorted(self.inputs)})")
-        return self.inputs[key]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         inputs = dict(kv.split("=", 1) for kv in args.inputs)
         ctx = StepContext(args.step, args.run_id, load_config(args.config, args.overrides), args.overrides, inputs,
                           args.config)
-        module_name, _, func = STEPS[args.step].partition(":")
-        manifest = getattr(importlib.import_module(module_name), func or "run")(ctx)
+        manifest = importlib.import_module(f"tasks.steps.{args.step}").run(ctx)
     except (StepError, ConfigError) as exc:
         log.error("step %s failed: %s", args.step, exc)
         return 2

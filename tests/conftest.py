@@ -27,7 +27,7 @@ os.environ["ECB_MODEL_CACHE"] = str(Path(os.environ["ECB_STATE_DIR"]) / "model-c
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network here: never wait on the Hub
 sys.path[:0] = [str(REPO), str(REPO / "plugins")]
 
-from tasks import stack  # noqa: E402
+from tasks.devstack import stack  # noqa: E402
 
 SETTINGS = stack.init_settings(airflow_port=stack.free_port())
 os.environ.update(stack.stack_env(SETTINGS))
@@ -42,7 +42,7 @@ def _keep() -> bool:
 @pytest.fixture(scope="session")
 def services():
     """PostgreSQL (embedded or ECB_POSTGRES_URL) + S3 (SeaweedFS or ECB_S3_ENDPOINT_URL), schema migrated."""
-    from tasks import db
+    from tasks.io import db
 
     urls = {"postgres": stack.postgres_up(SETTINGS), "s3": stack.s3_up(SETTINGS)}
     db.migrate()
@@ -81,7 +81,8 @@ def mlflow_server(services):
 @pytest.fixture(scope="session")
 def tiny_base_model(tmp_path_factory) -> Path:
     """A tiny Llama-architecture chat model built like the demo base (same code path as TinyLlama), local dir."""
-    from tasks import datagen, demo_model
+    from tasks.demo import datagen
+    from tasks.demo import model as demo_model
 
     rows = datagen.generate_rows(400, seed=5)
     texts = [r["instruction"] for r in rows] + [r["response"] for r in rows]

@@ -6,9 +6,9 @@ width and an attention mask hides the padding, so one forward pass advances ever
 that arrives while others are decoding joins at the next step; a finished one leaves at once (its row is dropped from
 the cache) without waiting for the rest. Decoding is greedy, the same as the evaluate step.
 
-When the handle carries a ``static.StaticDecoder`` (on a GPU by default), ``StaticBatch`` replaces ``Batch``: every
-row owns a slot of a preallocated KV cache and the decode step has fixed shapes, so it can run as one compiled CUDA
-graph; admission, leaving and greedy decoding behave the same.
+When the handle carries a ``static_cache.StaticDecoder`` (on a GPU by default), ``StaticBatch`` replaces ``Batch``:
+every row owns a slot of a preallocated KV cache and the decode step has fixed shapes, so it can run as one compiled
+CUDA graph; admission, leaving and greedy decoding behave the same.
 
 A request carries the model handle it was admitted with, and the worker only batches requests of one handle: after a
 hot reload swaps the handle, requests already decoding finish on the old model and new ones wait for that batch to
@@ -41,7 +41,7 @@ class ModelHandle:
     version: str
     info: dict
     loaded_at: float = field(default_factory=time.time)
-    decoder: object = None  # static.StaticDecoder, or None for the dynamic cache
+    decoder: object = None  # static_cache.StaticDecoder, or None for the dynamic cache
 
     @property
     def device(self):
@@ -54,7 +54,7 @@ class ModelHandle:
     @cached_property
     def eos_ids(self) -> set[int]:
         """Token ids that end a reply; fixed for a loaded model, so computed once, not per generated token."""
-        from tasks.generation import _eos_ids
+        from tasks.ml.generation import _eos_ids
 
         return set(_eos_ids(self.model, self.tokenizer))
 

@@ -12,8 +12,9 @@ import re
 import time
 from pathlib import Path
 
-from tasks.chat import static
+from tasks.chat import static_cache
 from tasks.chat.engine import ModelHandle
+from tasks.release.registry import serving_uri
 
 log = logging.getLogger("tasks.chat.models")
 MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
@@ -23,15 +24,11 @@ class ModelNotFound(RuntimeError):
     pass
 
 
-def default_uri(cfg) -> str:
-    return cfg.chat.model_uri or f"models:/{cfg.release.registered_model}@champion"
-
-
 def _registry_version(uri: str) -> dict:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from tasks import registry
+    from tasks.release import registry
 
     m = MODELS_URI.match(uri)
     if not m:
@@ -53,7 +50,7 @@ def _gate_decision(decision_id) -> dict | None:
     try:
         from sqlalchemy import select
 
-        from tasks import db, schema
+        from tasks.io import db, schema
 
         g = schema.gate_decisions
         with db.engine().connect() as conn:
@@ -67,23 +64,23 @@ def _gate_decision(decision_id) -> dict | None:
 
 def load(cfg, uri: str | None = None) -> ModelHandle:
     """Load the model named by uri (default: the configured one) onto the best device, adapter merged."""
-    from tasks import evaluate
+    from tasks.ml import models
 
-    uri = uri or default_uri(cfg)
+    uri = uri or serving_uri(cfg)
     started = time.monotonic()
     if Path(uri).is_dir():
-        tokenizer, model = evaluate.load_local(cfg_for_base(cfg, uri))
+        tokenizer, model = models.load_local(cfg_for_base(cfg, uri))
         info = {"uri": uri, "name": None, "alias": None, "version": f"local:{Path(uri).name}", "base_model": uri,
                 "run_id": None, "snapshot_id": None, "gate_decision": None}
     else:
         reg = _registry_version(uri)
-        tokenizer, model = evaluate.load_for_inference(cfg_for_base(cfg, reg["base_model"]), reg["adapter_uri"])
+        tokenizer, model = models.load_for_inference(cfg_for_base(cfg, reg["base_model"]), reg["adapter_uri"])
         info = {"uri": uri, "name": reg["name"], "alias": reg["alias"], "version": reg["version"],
                 "base_model": reg["base_model"], "adapter_uri": reg["adapter_uri"], "run_id": reg["run_id"],
                 "snapshot_id": reg["snapshot_id"], "gate_decision": _gate_decision(reg["gate_decision_id"])}
     handle = ModelHandle(tokenizer, model, str(info["version"]), info)
-    handle.decoder = static.build(model, cfg.chat, rows=cfg.chat.max_batch_size,
-                                  width=cfg.chat.context_tokens or handle.context_tokens)
+    handle.decoder = static_cache.build(model, cfg.chat, rows=cfg.chat.max_batch_size,
+                                        width=cfg.chat.context_tokens or handle.context_tokens)
     log.info("loaded model %s (version %s) in %.1fs", uri, info["version"], time.monotonic() - started)
     return handle
 

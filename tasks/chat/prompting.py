@@ -27,7 +27,7 @@ def contains_control(tokenizer, text: str) -> bool:
 
 
 def _bos(tokenizer, ids: list[int]) -> list[int]:
-    from tasks.generation import _adds_bos
+    from tasks.ml.generation import _adds_bos
 
     bos = tokenizer.bos_token_id
     return [bos, *ids] if _adds_bos(tokenizer) and ids[:1] != [bos] else ids

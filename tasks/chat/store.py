@@ -13,7 +13,7 @@ import secrets
 
 from sqlalchemy import insert, select
 
-from tasks import db, schema
+from tasks.io import db, schema
 
 C, M, F = schema.conversations, schema.messages, schema.feedback
 

@@ -23,7 +23,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks import chatml, datagen
+from tasks.data import chatml
+from tasks.demo import datagen
 
 HEADER = ["flags", "instruction", "category", "intent", "response"]
 HUGE = 200_000  # characters in the oversized fields

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tasks import stack
+from tasks.devstack import stack
 from tests.conftest import REPO, SETTINGS
 
 

@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks import datagen, s3
+from tasks.demo import datagen
+from tasks.io import s3
 from tests.conftest import REPO, step_manifest
 
 
@@ -90,7 +91,7 @@ class StepProcess:
 
 
 def kill_group(proc) -> int:
-    """SIGKILL a stack service (a tasks.stack.Proc) and everything in its process group; returns the pid."""
+    """SIGKILL a stack service (a tasks.devstack.stack.Proc) and everything in its process group; returns the pid."""
     pid = proc.pid()
     assert pid, f"{proc.name} is not running"
     os.killpg(pid, signal.SIGKILL)

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tasks import s3
+from tasks.io import s3
 from tests.chaos.faults_pipeline import StepProcess, make_snapshot
 from tests.conftest import run_step
 

@@ -1,7 +1,7 @@
 """Fault: the MLflow tracking server (the model registry) is down during `register_model`.
 
-The server is the real one the stack starts (tasks/stack.py `mlflow_up`); the test SIGKILLs its process group and
-starts it again. Two outages:
+The server is the real one the stack starts (tasks/devstack/stack.py `mlflow_up`); the test SIGKILLs its process group
+and starts it again. Two outages:
   a. down before the step starts: the step fails within its retry budget, naming the registry, nothing registered;
   b. killed in the middle of the step (after it created the candidate's logged model, while it uploads the pyfunc
      model): the step fails the same way; no version for the run, the `champion` alias still on the old version.
@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from tasks import stack
+from tasks.devstack import stack
 from tests.chaos.faults_pipeline import StepProcess, kill_group, make_snapshot, wait_until
 from tests.conftest import SETTINGS, run_step, step_manifest
 

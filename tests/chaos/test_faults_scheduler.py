@@ -25,7 +25,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from tasks import datagen, db, s3, schema, stack
+from tasks.demo import datagen
+from tasks.devstack import stack
+from tasks.io import db, s3, schema
 from tests.chaos.faults_pipeline import iter_files, kill_group, scan_for, scan_texts, wait_until
 from tests.conftest import SETTINGS
 from tests.hub_server import HubServer

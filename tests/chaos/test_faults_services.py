@@ -3,7 +3,7 @@ mid-step and mid-transaction, a bucket or the state folder not writable.
 
 Each fault is injected into the real server process of the test stack (SIGKILL to the `weed server` process group,
 `pg_ctl stop -m fast`), at the moment the step logs a chosen line; nothing is patched. The steps must ride out the
-outage with their own retries (botocore standard retries in tasks/s3.py, db.transaction in tasks/db.py) and leave
+outage with their own retries (botocore standard retries in tasks/io/s3.py, db.transaction in tasks/io/db.py) and leave
 exactly what an undisturbed run leaves.
 """
 
@@ -19,7 +19,9 @@ import time
 import pytest
 from sqlalchemy import func, select, text
 
-from tasks import datagen, db, s3, schema, stack
+from tasks.demo import datagen
+from tasks.devstack import stack
+from tasks.io import db, s3, schema
 from tests.conftest import REPO, SETTINGS, step_manifest
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]

@@ -14,8 +14,9 @@ from collections import Counter
 import pytest
 from sqlalchemy import select
 
-from tasks import chatml, db, s3, schema
 from tasks.config import DataConfig
+from tasks.data import chatml
+from tasks.io import db, s3, schema
 from tests.chaos.broken_corpus import build
 from tests.conftest import run_step
 

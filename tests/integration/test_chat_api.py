@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from sqlalchemy import select
 
-from tasks import db, schema
 from tasks.config import load_config
+from tasks.io import db, schema
 
 pytestmark = pytest.mark.integration
 ADMIN = "test-admin-token-0123456789"

@@ -10,8 +10,8 @@ import threading
 
 import pytest
 
-from tasks import stack
 from tasks.config import load_config
+from tasks.devstack import stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -9,7 +9,8 @@ import pytest
 import requests
 from sqlalchemy import func, insert, select
 
-from tasks import datagen, db, s3, schema
+from tasks.demo import datagen
+from tasks.io import db, s3, schema
 
 pytestmark = pytest.mark.integration
 
@@ -91,7 +92,7 @@ def test_dag_syncs_prepares_and_is_idempotent(services, airflow_db, mlflow_serve
 @pytest.fixture
 def chat_service():
     """The chat service the DAG's last task starts (detached gunicorn): stopped when the test ends."""
-    from tasks import stack
+    from tasks.devstack import stack
 
     yield stack.CHAT
     stack.CHAT.stop(timeout=20)
@@ -123,7 +124,7 @@ def check_hpo_and_finetune(dagrun):
     """3 mapped trials recorded in the Postgres optuna storage and in hpo_trials; the best one's params used."""
     import optuna
 
-    from tasks import hpo
+    from tasks.ml import hpo
 
     mapped = [ti for ti in dagrun.get_task_instances() if ti.task_id == "hpo_trial"]
     assert sorted(ti.map_index for ti in mapped) == [0, 1, 2]

@@ -10,7 +10,8 @@ import time
 import pytest
 from sqlalchemy import select
 
-from tasks import datagen, db, s3, schema
+from tasks.demo import datagen
+from tasks.io import db, s3, schema
 from tests.conftest import REPO, run_step, step_manifest
 
 pytestmark = pytest.mark.integration
@@ -83,11 +84,11 @@ def _initial_lora_a(base):
     from peft import get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
-    from tasks import finetune
     from tasks.config import load_config
+    from tasks.ml import models
 
     cfg = load_config()
-    model = finetune.add_lora(AutoModelForCausalLM.from_pretrained(base), cfg, cfg.training.seed)
+    model = models.add_lora(AutoModelForCausalLM.from_pretrained(base), cfg, cfg.training.seed)
     return {k.replace(".default", ""): v for k, v in get_peft_model_state_dict(model).items()}
 
 
@@ -135,7 +136,7 @@ def test_crashing_trial_is_recorded_as_fail_and_does_not_fail_the_task(mlflow_se
     and select_best then refuses to choose from zero complete trials."""
     import optuna
 
-    from tasks import hpo
+    from tasks.ml import hpo
 
     run_id, broken = f"crash-{uid}", f"/nonexistent/model-{uid}"
     plan = step_manifest("plan_hpo", run_id)

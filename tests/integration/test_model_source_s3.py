@@ -6,9 +6,11 @@ import os
 
 import pytest
 
-from tasks import model_source, s3
 from tasks.config import ModelConfig, load_config
-from tasks.runner import StepContext, StepError
+from tasks.context import StepContext
+from tasks.errors import StepError
+from tasks.io import s3
+from tasks.ml import model_source
 
 pytestmark = pytest.mark.integration
 
@@ -143,7 +145,9 @@ def test_demo_model_step_builds_once_and_loads_like_a_hub_model(services, uid, t
     """tiny size: build, upload, reuse on the second run, then resolve and load it with the Auto classes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks import datagen, demo_model
+    from tasks.demo import datagen
+    from tasks.demo import model as demo_model
+    from tasks.steps import build_demo_model
 
     s3.ensure_bucket(BUCKET)
     rows = datagen.generate_rows(120, seed=1)
@@ -157,13 +161,13 @@ def test_demo_model_step_builds_once_and_loads_like_a_hub_model(services, uid, t
     dest = f"s3://{BUCKET}/test-models/{uid}/demo/"
     ctx = StepContext("build_demo_model", f"run-{uid}", load_config(), inputs={
         "snapshot_uri": snapshot, "dest": dest, "size": "tiny", "steps": "5"})
-    first = demo_model.run(ctx)
+    first = build_demo_model.run(ctx)
     assert first["base_model_uri"] == dest and not first["reused"] and first["pretrain_steps"] == 5
     assert first["vocab_size"] > 259 and first["params"] > 0
     stored = s3.get_json(dest + demo_model.FINGERPRINT_FILE)
     assert stored["fingerprint"] == first["fingerprint"]
 
-    again = demo_model.run(ctx)
+    again = build_demo_model.run(ctx)
     assert again == {**first, "reused": True}
 
     local = model_source.resolve_base_model(ModelConfig(base_model=dest, cache_dir=str(tmp_path / "cache")))
@@ -177,9 +181,9 @@ def test_demo_model_step_builds_once_and_loads_like_a_hub_model(services, uid, t
 
     # other settings -> another fingerprint -> rebuilt in place
     ctx.inputs["steps"] = "6"
-    third = demo_model.run(ctx)
+    third = build_demo_model.run(ctx)
     assert third["fingerprint"] != first["fingerprint"] and not third["reused"] and third["pretrain_steps"] == 6
     missing = StepContext("build_demo_model", "r", load_config(), inputs={"snapshot_uri": snapshot + "nope/",
                                                                           "dest": dest})
     with pytest.raises(StepError, match="cannot read .*train.jsonl"):
-        demo_model.run(missing)
+        build_demo_model.run(missing)

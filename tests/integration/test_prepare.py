@@ -5,7 +5,8 @@ import json
 import pytest
 from sqlalchemy import func, select
 
-from tasks import datagen, db, s3, schema
+from tasks.demo import datagen
+from tasks.io import db, s3, schema
 from tests.conftest import run_step
 
 pytestmark = pytest.mark.integration

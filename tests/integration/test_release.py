@@ -8,7 +8,8 @@ The Hub push has no token here, so it skips (the push itself is tested against a
 import pytest
 from sqlalchemy import select
 
-from tasks import datagen, db, schema
+from tasks.demo import datagen
+from tasks.io import db, schema
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,8 @@ import shutil
 import pytest
 from sqlalchemy import func, select
 
-from tasks import datagen, db, s3, schema
+from tasks.demo import datagen
+from tasks.io import db, s3, schema
 from tests.conftest import run_step
 
 pytestmark = pytest.mark.integration

@@ -14,9 +14,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from tasks import generation  # noqa: E402
-from tasks.chat import static  # noqa: E402
+from tasks.chat import static_cache as static  # noqa: E402
 from tasks.chat.engine import Generator, Job, ModelHandle  # noqa: E402
+from tasks.ml import generation  # noqa: E402
 
 QUESTIONS = [
     "Where is my order?",

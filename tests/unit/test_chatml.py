@@ -1,4 +1,4 @@
-"""Unit tests for tasks.chatml: parsing, cleaning, quarantine reasons, dedupe, splitting and count reconciliation."""
+"""Unit tests for tasks.data.chatml: parsing, cleaning, quarantine reasons, dedupe, splitting, count reconciliation."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.chatml import (
+from tasks.config import DataConfig
+from tasks.data.chatml import (
     PrepResult,
     Quarantined,
     Record,
@@ -27,7 +28,6 @@ from tasks.chatml import (
     splits_to_jsonl,
     to_chatml,
 )
-from tasks.config import DataConfig
 
 BITEXT = Path("/work/shared/data/bitext_customer_support_sample.csv")
 HEADER = ["flags", "instruction", "category", "intent", "response"]

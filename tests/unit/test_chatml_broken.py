@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.chatml import SchemaError, control_tokens, prepare, read_rows
 from tasks.config import DataConfig
+from tasks.data.chatml import SchemaError, control_tokens, prepare, read_rows
 
 HEAD = b"flags,instruction,category,intent,response\n"
 

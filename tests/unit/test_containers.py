@@ -147,8 +147,8 @@ def test_images_are_built_from_files_in_the_repo(compose, ex):
 
 def test_compose_matches_the_execution_config_and_the_chat_contract(compose, ex):
     from ecb_airflow.execution import CACHE_DIR
-    from tasks import rollout
     from tasks.config import load_config
+    from tasks.release import rollout
 
     assert compose["name"] == ex.compose_project
     assert compose["networks"]["default"]["name"] == ex.docker_network
@@ -223,7 +223,7 @@ def test_gpu_image_installs_the_project_requirements_as_a_non_root_step_entrypoi
 
 def test_kubernetes_manifests_name_what_the_execution_config_names(ex):
     from ecb_airflow.execution import CACHE_DIR, SECRET_ENV, SETTING_ENV
-    from tasks import rollout
+    from tasks.release import rollout
 
     docs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all((REPO / "k8s" / "ecb.yaml").read_text())}
     assert "Secret" not in {kind for kind, _ in docs}  # secret values never live in the repository

@@ -1,4 +1,4 @@
-"""Unit tests for tasks.datagen (synthetic Bitext-schema support dataset). No network, no services."""
+"""Unit tests for tasks.demo.datagen (synthetic Bitext-schema support dataset). No network, no services."""
 
 from __future__ import annotations
 
@@ -8,14 +8,16 @@ import io
 import random
 import re
 import time
-import types
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from tasks import datagen
-from tasks.runner import StepError
+from tasks.config import Config
+from tasks.context import StepContext
+from tasks.demo import datagen
+from tasks.errors import StepError
+from tasks.steps import generate_demo_data
 
 BITEXT_SAMPLE = Path("/work/shared/data/bitext_customer_support_sample.csv")
 HEADER = ["flags", "instruction", "category", "intent", "response"]
@@ -211,13 +213,13 @@ def test_generation_is_fast():
     assert time.perf_counter() - start < 1.0
 
 
-def ctx(**inputs) -> types.SimpleNamespace:
-    return types.SimpleNamespace(config=None, inputs=inputs)
+def ctx(**inputs) -> StepContext:
+    return StepContext("generate_demo_data", "test", Config(), inputs=inputs)
 
 
 def test_run_writes_local_folder(tmp_path):
     dest = tmp_path / "demo" / "out"
-    manifest = datagen.run(ctx(rows="120", seed="3", dest=str(dest)))
+    manifest = generate_demo_data.run(ctx(rows="120", seed="3", dest=str(dest)))
     target = dest / datagen.FILE_NAME
     data = target.read_bytes()
     assert manifest == {"dest_uri": str(target), "rows": 120, "intents": len(datagen.INTENTS),
@@ -226,11 +228,11 @@ def test_run_writes_local_folder(tmp_path):
 
 
 def test_run_defaults_and_s3(monkeypatch):
-    from tasks import s3
+    from tasks.io import s3
 
     calls = []
     monkeypatch.setattr(s3, "put_bytes", lambda uri, data, content_type="": calls.append((uri, data, content_type)))
-    manifest = datagen.run(ctx(dest="s3://bucket/demo/"))
+    manifest = generate_demo_data.run(ctx(dest="s3://bucket/demo/"))
     assert manifest["dest_uri"] == "s3://bucket/demo/demo_support_conversations.csv"
     assert manifest["rows"] == 2400
     (uri, data, content_type), = calls
@@ -243,8 +245,8 @@ def test_run_defaults_and_s3(monkeypatch):
                                     {"dest": "x", "seed": "-"}])
 def test_run_rejects_bad_inputs(inputs, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(StepError, match="datagen"):
-        datagen.run(ctx(**inputs))
+    with pytest.raises(StepError, match="generate_demo_data"):
+        generate_demo_data.run(ctx(**inputs))
 
 
 def test_cli_writes_csv(tmp_path):

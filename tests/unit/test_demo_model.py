@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from tasks import datagen, demo_model
-from tasks.runner import StepError
+from tasks.demo import datagen
+from tasks.demo import model as demo_model
+from tasks.errors import StepError
 
 SYSTEM = "You are a helpful, polite customer-support assistant for an online store."
 TINY = demo_model.SIZES["tiny"]

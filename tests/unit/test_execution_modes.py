@@ -215,9 +215,9 @@ def test_local_mode_imports_no_container_provider():
 
 
 def test_rollout_targets():
-    """What the deploy step restarts and polls in each container mode (tasks/rollout.py, no airflow)."""
-    from tasks import rollout
+    """What the deploy step restarts and polls in each container mode (tasks/release/rollout.py, no airflow)."""
     from tasks.config import load_config
+    from tasks.release import rollout
 
     ex = load_config().execution
     assert rollout.chat_url(ex, "docker") == "http://chat:8000"
@@ -232,6 +232,6 @@ def test_rollout_targets():
     with pytest.raises(ValueError, match="local"):
         rollout.chat_url(ex, "local")
     imported = {n.module if isinstance(n, ast.ImportFrom) else a.name
-                for n in ast.walk(ast.parse((REPO / "tasks" / "rollout.py").read_text()))
+                for n in ast.walk(ast.parse((REPO / "tasks" / "release" / "rollout.py").read_text()))
                 if isinstance(n, (ast.Import, ast.ImportFrom)) for a in getattr(n, "names", [])}
     assert imported and not {m for m in imported if m.split(".")[0] == "airflow"}  # container side

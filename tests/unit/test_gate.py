@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks import metrics
-from tasks.config import EvalConfig
-from tasks.gate import Decision, Evaluation, GateSettings, decide, render_table
+from tasks.config import ConfigError, EvalConfig, GateConfig, load_config
+from tasks.ml import metrics
+from tasks.release.gate import Decision, Evaluation, decide, render_table
 
 WEIGHTS = EvalConfig().weights  # bleu1..4 + rougeL_precision, summing to 1.0
 REPO = Path(__file__).resolve().parents[2]
@@ -97,7 +97,9 @@ CASES = [
 @pytest.mark.parametrize(("candidate", "champion", "settings", "registry_error", "release", "forced", "expected"),
                          [pytest.param(*c[1:], id=c[0]) for c in CASES])
 def test_gate_rules(candidate, champion, settings, registry_error, release, forced, expected):
-    d = decide(candidate, champion, WEIGHTS, GateSettings.from_mapping(settings), registry_error=registry_error)
+    settings = dict(settings)
+    force = settings.pop("force_deploy", False)
+    d = decide(candidate, champion, WEIGHTS, GateConfig(**settings), registry_error=registry_error, force_deploy=force)
     assert isinstance(d, Decision)
     assert d.release is release, d.reasons
     assert d.forced is forced
@@ -115,7 +117,7 @@ def test_gate_rules(candidate, champion, settings, registry_error, release, forc
 
 
 def test_forced_release_reports_what_the_gate_would_have_done():
-    d = decide(ev(0.38), champ(0.40), WEIGHTS, GateSettings(force_deploy=True))
+    d = decide(ev(0.38), champ(0.40), WEIGHTS, GateConfig(), force_deploy=True)
     assert (d.release, d.forced, d.would_release) == (True, True, False)
     assert d.delta == pytest.approx(-0.02)
     assert "-0.0200" in d.summary and "would have blocked it" in d.summary
@@ -126,7 +128,7 @@ def test_forced_release_reports_what_the_gate_would_have_done():
 def test_intent_regression_names_every_intent_and_skips_small_ones():
     cand = ev(0.42, per_intent=intents(a=(0.30, 12), b=(0.30, 6), small=(0.0, 4)))
     cham = champ(0.40, per_intent=intents(a=(0.40, 12), b=(0.50, 6), small=(0.9, 4)))
-    d = decide(cand, cham, WEIGHTS, GateSettings())
+    d = decide(cand, cham, WEIGHTS, GateConfig())
     assert not d.release and d.checks["no_intent_regression"] is False
     (reason,) = [r for r in d.reasons if r.startswith("per-intent regression")]
     assert "'b' dropped by 0.2000" in reason and "'a' dropped by 0.1000" in reason
@@ -141,7 +143,7 @@ def test_intents_moved_keeps_top_five():
     names = [f"i{k}" for k in range(8)]
     cand = ev(0.42, per_intent={x: {"n": 10, "weighted_score": 0.5 + k / 100} for k, x in enumerate(names)})
     cham = champ(0.40, per_intent={x: {"n": 10, "weighted_score": 0.5} for x in names})
-    d = decide(cand, cham, WEIGHTS, GateSettings())
+    d = decide(cand, cham, WEIGHTS, GateConfig())
     assert d.release
     assert [t[0] for t in d.intents_moved] == ["i7", "i6", "i5", "i4", "i3"]
 
@@ -149,7 +151,7 @@ def test_intents_moved_keeps_top_five():
 def test_weighted_scores_are_recomputed_with_the_gate_weights():
     # Stored weighted scores from other weights: the gate compares what the given weights say, and notes it.
     cand = ev(0.42, weighted_score=0.10)
-    d = decide(cand, champ(0.40), WEIGHTS, GateSettings())
+    d = decide(cand, champ(0.40), WEIGHTS, GateConfig())
     assert d.release and d.delta == pytest.approx(0.02)
     assert any("stored weighted_score 0.1000 differs" in r for r in d.reasons)
 
@@ -184,8 +186,8 @@ def noisy_pair():
 
 def test_insignificant_improvement_blocks_only_when_significance_is_required(noisy_pair):
     cand, cham = noisy_pair
-    loose = decide(cand, cham, WEIGHTS, GateSettings(bootstrap_resamples=200))
-    strict = decide(cand, cham, WEIGHTS, GateSettings(bootstrap_resamples=200, require_significance=True))
+    loose = decide(cand, cham, WEIGHTS, GateConfig(bootstrap_resamples=200))
+    strict = decide(cand, cham, WEIGHTS, GateConfig(bootstrap_resamples=200, require_significance=True))
     # The construction: a real improvement above the threshold whose 95% CI crosses 0.
     assert loose.delta > loose.threshold
     assert loose.ci_low <= 0 < loose.ci_high
@@ -206,7 +208,7 @@ def test_insignificant_improvement_blocks_only_when_significance_is_required(noi
 def test_significant_improvement_releases_with_require_significance():
     refs = [" ".join(WORDS[(5 * i + k) % len(WORDS)] for k in range(10)) for i in range(30)]
     cand, cham = _bootstrap_pair(refs, [" ".join(r.split()[:6]) for r in refs], refs)
-    d = decide(cand, cham, WEIGHTS, GateSettings(require_significance=True, bootstrap_resamples=100))
+    d = decide(cand, cham, WEIGHTS, GateConfig(require_significance=True, bootstrap_resamples=100))
     assert d.release and d.ci_low > 0 and d.checks["significant"] is True
     assert any("lies above 0" in r for r in d.reasons)
 
@@ -214,10 +216,10 @@ def test_significant_improvement_releases_with_require_significance():
 def test_unpaired_outputs_give_no_ci_and_block_only_under_require_significance(noisy_pair):
     cand, cham = noisy_pair
     cham = Evaluation(**{**cham.__dict__, "references": list(reversed(cham.references))})
-    d = decide(cand, cham, WEIGHTS, GateSettings(bootstrap_resamples=20))
+    d = decide(cand, cham, WEIGHTS, GateConfig(bootstrap_resamples=20))
     assert d.release and d.ci_low is None
     assert any("references differ" in r for r in d.reasons)
-    d = decide(cand, cham, WEIGHTS, GateSettings(bootstrap_resamples=20, require_significance=True))
+    d = decide(cand, cham, WEIGHTS, GateConfig(bootstrap_resamples=20, require_significance=True))
     assert not d.release and "delta 95% CI [n/a, n/a]" in d.table
 
 
@@ -227,7 +229,7 @@ def test_unpaired_outputs_give_no_ci_and_block_only_under_require_significance(n
 def test_table_has_every_metric_total_threshold_and_decision():
     cand = ev(0.42, per_intent=intents(track_order=(0.45, 12)))
     cham = champ(0.40, per_intent=intents(track_order=(0.40, 12)))
-    d = decide(cand, cham, WEIGHTS, GateSettings())
+    d = decide(cand, cham, WEIGHTS, GateConfig())
     lines = d.table.splitlines()
     header = [c.strip() for c in lines[0].split("|")]
     assert header == ["metric", "weight", "candidate", "champion", "delta", "weighted contribution"]
@@ -247,13 +249,13 @@ def test_table_has_every_metric_total_threshold_and_decision():
 
 
 def test_table_without_champion_and_with_missing_values():
-    d = decide(ev(0.40), None, WEIGHTS, GateSettings())
+    d = decide(ev(0.40), None, WEIGHTS, GateConfig())
     (row,) = [ln for ln in d.table.splitlines() if ln.startswith("bleu4")]
     assert [c.strip() for c in row.split("|")] == ["bleu4", "0.4000", "0.4000", "n/a", "n/a", "0.1600"]
     assert "TOTAL" in d.table and "threshold +0.0010" in d.table and "  (none)" in d.table
     assert "0.4000 on 40 examples" in d.summary
 
-    d = decide(ev(0.42, bleu2=math.nan), champ(0.40), WEIGHTS, GateSettings())
+    d = decide(ev(0.42, bleu2=math.nan), champ(0.40), WEIGHTS, GateConfig())
     (row,) = [ln for ln in d.table.splitlines() if ln.startswith("bleu2")]
     assert [c.strip() for c in row.split("|")][2:] == ["n/a", "0.4000", "n/a", "n/a"]
     (total,) = [ln for ln in d.table.splitlines() if ln.startswith("TOTAL")]
@@ -272,31 +274,30 @@ def test_decision_is_serialisable():
 # ------------------------------------------------------------------------------------------------ settings
 
 
-def test_settings_defaults_and_from_mapping():
-    s = GateSettings()
+def test_gate_policy_is_the_config_gate_section():
+    """One declaration: the gate reads cfg.gate (defaults, YAML, --set), force_deploy is a per-run argument."""
+    s = GateConfig()
     assert (s.min_improvement_threshold, s.require_significance, s.max_intent_regression, s.min_intent_examples,
-            s.min_eval_examples, s.force_deploy, s.bootstrap_resamples, s.seed) == (0.001, False, 0.05, 5, 20,
-                                                                                   False, 1000, 0)
-    s = GateSettings.from_mapping({"min_improvement_threshold": 0, "force_deploy": True, "seed": 3})
+            s.min_eval_examples, s.bootstrap_resamples, s.bootstrap_seed) == (0.001, False, 0.05, 5, 20, 1000, 0)
+    s = load_config(None, {"gate.min_improvement_threshold": 0, "gate.bootstrap_seed": 3}).gate
     assert s.min_improvement_threshold == 0.0 and isinstance(s.min_improvement_threshold, float)
-    assert s.force_deploy is True and s.seed == 3
-    assert GateSettings.from_mapping(None) == GateSettings()
-    assert GateSettings.from_mapping(s) == s
+    assert s.bootstrap_seed == 3
+    assert not hasattr(s, "force_deploy")
 
 
-@pytest.mark.parametrize(("mapping", "message"), [
-    ({"min_improvment_threshold": 0.01}, "unknown gate setting 'min_improvment_threshold'"),
-    ({"force_deploy": "yes"}, "gate setting 'force_deploy': expected bool"),
-    ({"min_eval_examples": 2.5}, "gate setting 'min_eval_examples': expected int"),
-    ({"bootstrap_resamples": 0}, "gate setting 'bootstrap_resamples': 0 is below the minimum 1"),
-    ({"max_intent_regression": math.nan}, "gate setting 'max_intent_regression': must be a finite number"),
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"gate.min_improvment_threshold": 0.01}, "unknown config field 'gate.min_improvment_threshold'"),
+    ({"gate.require_significance": "yes"}, "config field 'gate.require_significance': expected bool"),
+    ({"gate.min_eval_examples": 2.5}, "config field 'gate.min_eval_examples': expected int"),
+    ({"gate.bootstrap_resamples": 0}, "config field 'gate.bootstrap_resamples': 0 is below the minimum 100"),
+    ({"gate.max_intent_regression": math.nan}, "config field 'gate.max_intent_regression': must be a finite number"),
 ])
-def test_settings_reject_bad_values(mapping, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
-        GateSettings.from_mapping(mapping)
+def test_gate_settings_reject_bad_values(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides)
 
 
 def test_module_imports_no_heavy_packages():
-    code = ("import sys, tasks.gate; heavy = [m for m in ('numpy', 'torch', 'mlflow', 'airflow', 'sacrebleu') "
+    code = ("import sys, tasks.release.gate; heavy = [m for m in ('numpy', 'torch', 'mlflow', 'airflow', 'sacrebleu') "
             "if m in sys.modules]; assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

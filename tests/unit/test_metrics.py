@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tasks import metrics
+from tasks.ml import metrics
 
 WEIGHTS = {"bleu1": 0.10, "bleu2": 0.15, "bleu3": 0.25, "bleu4": 0.40, "rougeL_precision": 0.10}
 

@@ -4,9 +4,9 @@ import types
 
 import pytest
 
-from tasks import model_source
 from tasks.config import ModelConfig
-from tasks.runner import StepError
+from tasks.errors import StepError
+from tasks.ml import model_source
 
 
 def cfg(name: str, **kw) -> ModelConfig:

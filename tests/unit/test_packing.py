@@ -5,9 +5,9 @@ from contextlib import contextmanager
 
 import pytest
 
-from tasks import datagen
 from tasks.config import Config
-from tasks.training import (
+from tasks.demo import datagen
+from tasks.ml.training import (
     IGNORE,
     Batching,
     Example,
@@ -25,7 +25,7 @@ torch = pytest.importorskip("torch")
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tasks import demo_model
+    from tasks.demo import model as demo_model
 
     rows = datagen.generate_rows(80, seed=3)
     return demo_model.build_tokenizer([r["instruction"] for r in rows] + [r["response"] for r in rows],
@@ -35,11 +35,12 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def model(tokenizer):
     """A tiny random Llama with LoRA on every projection, its B matrices non-zero so the adapter matters."""
-    from tasks import demo_model, finetune
+    from tasks.demo import model as demo_model
+    from tasks.ml import models
 
     base = demo_model.build_model(tokenizer, size="tiny")
     base.config.use_cache = False
-    m = finetune.add_lora(base, Config(), seed=0)
+    m = models.add_lora(base, Config(), seed=0)
     with torch.no_grad():
         for name, p in m.named_parameters():
             if "lora_B" in name:
@@ -179,8 +180,9 @@ def test_varlen_attention_leaves_padded_batches_to_sdpa(model, examples):
 
 
 def test_fit_trains_packed_rows_deterministically(tokenizer, examples):
-    from tasks import demo_model, finetune
-    from tasks.training import TrainState, fit, make_optimizer
+    from tasks.demo import model as demo_model
+    from tasks.ml import models
+    from tasks.ml.training import TrainState, fit, make_optimizer
 
     cfg = Config()
     cfg.training.batch_size, cfg.training.learning_rate = 4, 3e-3
@@ -188,7 +190,7 @@ def test_fit_trains_packed_rows_deterministically(tokenizer, examples):
     def run():
         base = demo_model.build_model(tokenizer, size="tiny")
         base.config.use_cache = False
-        m = finetune.add_lora(base, cfg, seed=0)
+        m = models.add_lora(base, cfg, seed=0)
         opt, sched = make_optimizer(m, cfg.training, 3)
         state = fit(m, examples, cfg.training, 3, TrainState(), opt, sched, pad_id=2, device="cpu",
                     dtype=torch.float32)

@@ -1,4 +1,4 @@
-"""Publishing a release to the Hugging Face Hub (tasks/publish.py).
+"""Publishing a release to the Hugging Face Hub (tasks/release/hub.py, tasks/release/card.py).
 
 The Hugging Face Hub cannot run offline, so the push is tested against a local endpoint (tests/hub_server.py) through
 HF_ENDPOINT: a small in-memory server implementing the Hub HTTP API that huggingface_hub's HfApi uses (create_repo,
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import types
 from pathlib import Path
 
 import huggingface_hub
@@ -19,9 +18,12 @@ import pytest
 import yaml
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
 
-from tasks import publish
 from tasks.config import load_config
-from tasks.runner import StepError
+from tasks.context import StepContext
+from tasks.errors import StepError
+from tasks.release import hub as hub_lib
+from tasks.release.card import model_card
+from tasks.steps import push_to_hub
 from tests.hub_server import HubServer
 
 TOKEN = "hf_test_SECRET_token_0123456789abcdef"
@@ -76,7 +78,7 @@ def front_matter(card: str) -> dict:
 
 
 def push(adapter_dir, hub, version="3", token=TOKEN, meta=META):
-    return publish.push_release(adapter_dir, REPO, version, meta, token, endpoint=hub.url)
+    return hub_lib.push_release(adapter_dir, REPO, version, meta, token, endpoint=hub.url)
 
 
 def test_one_commit_holds_exactly_the_adapter_files_and_the_card(hub, adapter_dir):
@@ -87,7 +89,7 @@ def test_one_commit_holds_exactly_the_adapter_files_and_the_card(hub, adapter_di
     assert set(commit["files"]) == set(ADAPTER_FILES) | {"README.md"}
     for name, data in ADAPTER_FILES.items():
         assert commit["files"][name] == data
-    expected_card = publish.model_card({**META, "repo_id": REPO, "registry_version": "3"})
+    expected_card = model_card({**META, "repo_id": REPO, "registry_version": "3"})
     assert commit["files"]["README.md"].decode() == expected_card
     assert commit["summary"] == "Release v3 (snapshot snap-20250101-abcdef)"
     assert commit["repo_id"] == REPO and commit["revision"] == "main"
@@ -215,14 +217,14 @@ def test_a_secret_in_the_release_refuses_the_push(hub, adapter_dir, monkeypatch)
 
 
 def test_assert_no_secrets():
-    publish.assert_no_secrets("nothing here", [TOKEN, None, ""])
-    publish.assert_no_secrets("abc", ["abc"])  # too short to be a real secret
+    hub_lib.assert_no_secrets("nothing here", [TOKEN, None, ""])
+    hub_lib.assert_no_secrets("abc", ["abc"])  # too short to be a real secret
     with pytest.raises(ValueError, match="card contains a secret"):
-        publish.assert_no_secrets(f"x {TOKEN} y", ["other-long-secret", TOKEN], where="card")
+        hub_lib.assert_no_secrets(f"x {TOKEN} y", ["other-long-secret", TOKEN], where="card")
 
 
 def test_card_without_champion_and_with_a_local_base_model():
-    card = publish.model_card({**META, "repo_id": REPO, "registry_version": 1, "champion_metrics": None,
+    card = model_card({**META, "repo_id": REPO, "registry_version": 1, "champion_metrics": None,
                                "base_model": "s3://ecb-platform/models/tinyllama",
                                "metrics": {"scores": {"bleu4": 0.2, "bleu1": 0.5}, "weighted_score": 0.3}})
     meta = front_matter(card)
@@ -230,7 +232,7 @@ def test_card_without_champion_and_with_a_local_base_model():
     values = {m["name"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
     assert values == {"BLEU-4": 0.2, "BLEU-1": 0.5, "Weighted score": 0.3}
     assert "no champion" in card and "| BLEU-4 | 0.2000 | — | — |" in card
-    assert card == publish.model_card({**META, "repo_id": REPO, "registry_version": 1, "champion_metrics": None,
+    assert card == model_card({**META, "repo_id": REPO, "registry_version": 1, "champion_metrics": None,
                                        "base_model": "s3://ecb-platform/models/tinyllama",
                                        "metrics": {"scores": {"bleu4": 0.2, "bleu1": 0.5}, "weighted_score": 0.3}})
 
@@ -241,48 +243,36 @@ def test_adapter_folder_without_weights_is_refused(hub, tmp_path):
         push(tmp_path, hub)
 
 
-def ctx(inputs: dict) -> types.SimpleNamespace:
-    return types.SimpleNamespace(step="publish", run_id="test", config=load_config(), inputs=inputs)
-
-
-def test_run_without_token_skips(monkeypatch, caplog):
+def test_publish_without_token_skips(monkeypatch, caplog):
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    caplog.set_level(logging.INFO, logger="tasks.publish")
-    result = publish.run(ctx({"adapter_uri": "s3://nowhere/adapter", "registry_version": "3",
-                              "release_meta": "{}"}))
+    caplog.set_level(logging.INFO, logger="tasks.release.hub")
+    result = hub_lib.publish("s3://nowhere/adapter", "3", {}, REPO)
     assert result["status"] == "skipped" and "HF_TOKEN" in result["reason"]
     assert "no Hugging Face token configured (HF_TOKEN / connection huggingface_default): skipping the push" \
         in caplog.text
 
 
-def test_run_pushes_through_hf_endpoint(hub, adapter_dir, monkeypatch, caplog):
-    import json
-
+def test_publish_pushes_through_hf_endpoint(hub, adapter_dir, monkeypatch, caplog):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    monkeypatch.setenv("ECB_HF_REPO_ID", REPO)
 
     def fake_download(uri, dest):
         assert uri == "s3://ecb-platform/runs/r1/finetune/adapter"
         shutil.copytree(adapter_dir, dest, dirs_exist_ok=True)
         return sorted(p.name for p in dest.iterdir())
 
-    monkeypatch.setattr(publish, "download_adapter", fake_download)
+    monkeypatch.setattr(hub_lib, "download_adapter", fake_download)
     caplog.set_level(logging.DEBUG)
-    meta = {k: v for k, v in META.items() if k not in ("base_model", "hyperparameters")}
-    result = publish.run(ctx({"adapter_uri": "s3://ecb-platform/runs/r1/finetune/adapter", "registry_version": "7",
-                              "release_meta": json.dumps(meta)}))
+    result = hub_lib.publish("s3://ecb-platform/runs/r1/finetune/adapter", "7", META, REPO)
 
     assert result["status"] == "pushed" and result["tag"] == "v7" and result["repo_id"] == REPO
     card = front_matter(hub.commits[0]["files"]["README.md"].decode())
-    assert card["base_model"] == load_config().model.base_model  # filled in from the config
+    assert card["base_model"] == META["base_model"]
     assert "| `lora.r` |" in hub.commits[0]["files"]["README.md"].decode()
     assert TOKEN not in caplog.text
 
 
-def test_run_rejects_bad_release_meta(monkeypatch):
+def test_step_needs_its_inputs(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    with pytest.raises(StepError, match="release_meta"):
-        publish.run(ctx({"adapter_uri": "s3://b/a", "registry_version": "1", "release_meta": "{not json"}))
     with pytest.raises(StepError, match="registry_version"):
-        publish.run(ctx({"adapter_uri": "s3://b/a"}))
+        push_to_hub.run(StepContext("push_to_hub", "test", load_config(), inputs={"adapter_uri": "s3://b/a"}))

@@ -2,13 +2,13 @@
 
 import pytest
 
-from tasks import datagen
-from tasks.training import IGNORE, Example, encode, epoch_batches, total_steps
+from tasks.demo import datagen
+from tasks.ml.training import IGNORE, Example, encode, epoch_batches, total_steps
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tasks import demo_model
+    from tasks.demo import model as demo_model
 
     rows = datagen.generate_rows(200, seed=2)
     return demo_model.build_tokenizer([r["instruction"] for r in rows] + [r["response"] for r in rows],

@@ -1,0 +1,189 @@
+"""``ecb``: the command for people.
+
+    ecb stack up | down | status | wipe     manage the embedded local stack (see tasks/stack.py)
+    ecb demo                                stack up, upload demo data, run the training DAG through the scheduler
+    ecb config                              every config field with its default and help text
+    ecb shell-env                           print `export ...` lines for the stack's URLs and credentials
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from tasks.config import Config, iter_fields, load_config
+from tasks.devstack import stack
+
+DAG_ID = "ecommerce_chatbot_training"
+
+
+def _print_urls(s: dict) -> None:
+    print(f"Airflow UI : http://localhost:{s['airflow_port']}  (local demo: no login needed)")
+    print(f"MLflow UI  : http://127.0.0.1:{s['mlflow_port']}")
+    print(f"S3 endpoint: {stack.s3_endpoint(s) or 'AWS'}   credentials: {stack.state_dir() / 'stack.env'}")
+    print(f"Chat       : http://127.0.0.1:{s.get('chat_port', 8000)}  (deployed by the DAG's last task)")
+
+
+def cmd_stack(args) -> int:
+    if args.action == "up":
+        for name, where in stack.up(airflow=not args.no_airflow, mlflow=not args.no_mlflow).items():
+            print(f"{name:9s} up: {where}")
+        _print_urls(stack.load_settings())
+    elif args.action == "down":
+        print("stopped:", ", ".join(stack.down()) or "nothing was running")
+    elif args.action == "status":
+        print(json.dumps(stack.status(), indent=2))
+    elif args.action == "wipe":
+        stack.wipe()
+        print(f"stopped everything and deleted {stack.state_dir()}")
+    return 0
+
+
+def _airflow_json(s: dict, *args: str):
+    out = stack.airflow_cli(s, *args, "-o", "json").stdout
+    # Airflow prints warnings on stdout too; the JSON document is the line that starts with '['.
+    lines = [line for line in out.splitlines() if line.startswith(("[{", "[]"))]
+    return json.loads(lines[-1]) if lines else []
+
+
+def wait_for_dag(s: dict, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(d.get("dag_id") == DAG_ID for d in _airflow_json(s, "dags", "list")):
+            return
+        time.sleep(3)
+    raise stack.StackError(f"the dag-processor did not register {DAG_ID} within {timeout:.0f}s; "
+                           f"see {stack.state_dir() / 'logs' / 'airflow-dag-processor.log'}")
+
+
+def trigger_and_wait(s: dict, conf: dict, timeout: float) -> dict:
+    stack.airflow_cli(s, "dags", "unpause", DAG_ID)
+    runs = _airflow_json(s, "dags", "trigger", DAG_ID, "--conf", json.dumps(conf))
+    run_id = runs[0]["dag_run_id"] if runs and "dag_run_id" in runs[0] else runs[0]["run_id"]
+    print(f"triggered {DAG_ID} run {run_id}; waiting for the scheduler ...", flush=True)
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        run = next((r for r in _airflow_json(s, "dags", "list-runs", DAG_ID) if r.get("run_id") == run_id), {})
+        if run.get("state") != last:
+            print(f"  run state: {run.get('state')}", flush=True)
+            last = run.get("state")
+        if run.get("state") in ("success", "failed"):
+            return run
+        time.sleep(5)
+    raise stack.StackError(f"run {run_id} did not finish within {timeout:.0f}s")
+
+
+def upload_demo_data(s: dict, rows: int, seed: int) -> dict:
+    from tasks.demo import datagen
+    from tasks.io import s3
+
+    data = datagen.to_csv_bytes(datagen.generate_rows(rows, seed))
+    uri = s3.join(load_config().data.source, "demo_support_conversations.csv")
+    s3.put_bytes(uri, data, "text/csv")  # same seed -> same bytes -> same ETag -> sync copies nothing new
+    return {"uri": uri, "rows": rows, "bytes": len(data)}
+
+
+def run_step(s: dict, step: str, run_id: str, *args: str) -> dict:
+    """Run a step command the way Airflow does (same environment), streaming its log; returns its manifest."""
+    r = subprocess.run([sys.executable, "-m", "tasks", step, "--run-id", run_id, *args], env=stack.process_env(s),
+                       cwd=stack.REPO, stdout=subprocess.PIPE, text=True)
+    if r.returncode:
+        raise stack.StackError(f"step {step} failed (exit {r.returncode}); its log is above")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def build_demo_base_model(s: dict) -> dict:
+    """The demo's base model: a small Llama-architecture chat model trained on the demo corpus (built once)."""
+    dest = load_config().model.base_model
+    if not dest.startswith("s3://"):
+        return {"base_model_uri": dest, "reused": True}
+    sync = run_step(s, "sync_raw_data", "demo-base-model")
+    prep = run_step(s, "prepare_chatml", "demo-base-model", "--input", f"raw_manifest={sync['manifest_uri']}")
+    return run_step(s, "build_demo_model", "demo-base-model", "--input", f"snapshot_uri={prep['snapshot_uri']}",
+                    "--input", f"dest={dest}")
+
+
+def cmd_demo(args) -> int:
+    # Data first, Airflow second: an unpaused nightly DAG may start a run as soon as the scheduler is up.
+    stack.up(airflow=False)
+    s = stack.load_settings()
+    os.environ.update(stack.stack_env(s))  # this process now talks to the stack and reads the demo config
+    up = upload_demo_data(s, args.rows, args.seed)
+    print(f"demo data: {up['rows']} rows ({up['bytes']} bytes) at {up['uri']}", flush=True)
+    base = build_demo_base_model(s)
+    print(f"demo base model: {base['base_model_uri']} ({'reused' if base.get('reused') else 'built'})", flush=True)
+    urls = stack.up()
+    print("stack up:", ", ".join(f"{k}={v}" for k, v in urls.items()), flush=True)
+    wait_for_dag(s)
+    run = trigger_and_wait(s, {"force_retrain": args.force_retrain}, args.timeout)
+    states = stack.airflow_cli(s, "tasks", "states-for-dag-run", DAG_ID, run["run_id"], check=False).stdout
+    print(states)
+    _print_urls(s)
+    if run["state"] != "success":
+        print(f"run {run['run_id']} ended {run['state']}; open the Airflow UI for the task logs", file=sys.stderr)
+        return 1
+    print(f"run {run['run_id']} succeeded")
+    return ensure_chat_service(s)
+
+
+def ensure_chat_service(s: dict) -> int:
+    """A run that stopped early (nothing changed) deploys nothing: make sure the champion is being served anyway,
+    e.g. after the machine restarted. Same step the DAG runs, with the registry's champion."""
+    url = f"http://127.0.0.1:{s.get('chat_port', 8000)}"
+    try:
+        if stack.http_ok(f"{url}/readyz"):
+            print(f"chat service up at {url}")
+            return 0
+    except OSError:
+        pass
+    print(f"chat service not running at {url}: deploying the registry's champion", flush=True)
+    r = subprocess.run([sys.executable, "-m", "tasks", "deploy_chat_service", "--run-id", "demo-redeploy"],
+                       env={**os.environ, **stack.stack_env(s)}, cwd=stack.REPO)
+    return r.returncode
+
+
+def cmd_config(args) -> int:
+    defaults = Config()
+    for name, f, _ in iter_fields():
+        section, attr = name.split(".")
+        print(f"{name} = {getattr(getattr(defaults, section), attr)!r}\n    {f.metadata['help']}")
+    return 0
+
+
+def cmd_shell_env(args) -> int:
+    s = stack.load_settings() or stack.init_settings()
+    for k, v in sorted(stack.stack_env(s).items()):
+        print(f"export {k}='{v}'")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ecb", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    st = sub.add_parser("stack", help="manage the embedded local stack")
+    st.add_argument("action", choices=["up", "down", "status", "wipe"])
+    st.add_argument("--no-airflow", action="store_true")
+    st.add_argument("--no-mlflow", action="store_true")
+    st.set_defaults(func=cmd_stack)
+    demo = sub.add_parser("demo", help="run the whole pipeline on the embedded stack")
+    demo.add_argument("--rows", type=int, default=2400)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--force-retrain", action="store_true")
+    demo.add_argument("--timeout", type=float, default=1800)
+    demo.set_defaults(func=cmd_demo)
+    sub.add_parser("config", help="list config fields").set_defaults(func=cmd_config)
+    sub.add_parser("shell-env", help="print the stack environment").set_defaults(func=cmd_shell_env)
+    args = p.parse_args(argv)
+    try:
+        return args.func(args)
+    except stack.StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

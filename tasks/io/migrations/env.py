@@ -1,0 +1,31 @@
+"""Alembic environment for the platform results database (URL from ECB_RESULTS_DB_URL or the caller)."""
+
+import os
+
+from alembic import context
+from sqlalchemy import create_engine, pool
+
+from tasks.io.schema import metadata
+
+config = context.config
+url = config.get_main_option("sqlalchemy.url") or os.environ["ECB_RESULTS_DB_URL"]
+
+
+def run_migrations_offline() -> None:
+    context.configure(url=url, target_metadata=metadata, literal_binds=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    engine = create_engine(url, poolclass=pool.NullPool)
+    with engine.connect() as connection:
+        context.configure(connection=connection, target_metadata=metadata, version_table="alembic_version_platform")
+        with context.begin_transaction():
+            context.run_migrations()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

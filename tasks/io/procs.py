@@ -1,0 +1,69 @@
+"""Local background processes (the embedded stack's servers, the local chat service): detached, with a pid file and
+a log file in the state folder ($ECB_STATE_DIR, default <repo>/.ecb), so they outlive the command that started them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("ECB_STATE_DIR") or REPO / ".ecb").resolve()
+
+
+@dataclass
+class Proc:
+    """A detached background process with a pid file and a log file in the state folder."""
+
+    name: str
+
+    @property
+    def pidfile(self) -> Path:
+        return state_dir() / "run" / f"{self.name}.pid"
+
+    @property
+    def log(self) -> Path:
+        return state_dir() / "logs" / f"{self.name}.log"
+
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pidfile.read_text())
+            os.kill(pid, 0)
+            return pid
+        except (OSError, ValueError):
+            return None
+
+    def start(self, argv: list[str], env: dict, cwd: Path | None = None) -> int:
+        if pid := self.pid():
+            return pid
+        self.pidfile.parent.mkdir(parents=True, exist_ok=True)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out:
+            out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {self.name}\n".encode())
+            p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                 cwd=cwd or REPO, start_new_session=True)
+        self.pidfile.write_text(str(p.pid))
+        return p.pid
+
+    def stop(self, timeout: float = 30) -> bool:
+        pid = self.pid()
+        if not pid:
+            self.pidfile.unlink(missing_ok=True)
+            return False
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.pid():
+            time.sleep(0.3)
+        if self.pid():
+            os.killpg(pid, signal.SIGKILL)
+        self.pidfile.unlink(missing_ok=True)
+        return True

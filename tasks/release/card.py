@@ -1,0 +1,199 @@
+"""The model card (README.md) of a release on the Hugging Face Hub: Hub metadata and model-index in the YAML front
+matter, then training data, procedure, evaluation against the champion and the gate's decision. Deterministic: the
+same release metadata always gives the same bytes, so a retried push commits nothing new."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+
+import yaml
+
+DEFAULT_LICENSE = "apache-2.0"
+DEFAULT_TAGS = ["lora", "peft", "customer-support", "e-commerce", "chatbot", "ecb-platform"]
+# (metric key, model-index type, display name), in the order of the card's model-index and evaluation table
+CARD_METRICS = (
+    ("bleu4", "bleu", "BLEU-4"),
+    ("bleu1", "bleu", "BLEU-1"),
+    ("bleu2", "bleu", "BLEU-2"),
+    ("bleu3", "bleu", "BLEU-3"),
+    ("rougeL_precision", "rouge", "ROUGE-L precision"),
+    ("weighted_score", "custom", "Weighted score"),
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def flat_metrics(metrics: Mapping | None) -> dict[str, float]:
+    """Metric name -> float; accepts flat dicts and evaluate's manifest shape ({"scores": {...}, "weighted_score"})."""
+    if not metrics:
+        return {}
+    merged = {**(metrics.get("scores") or {}), **{k: v for k, v in metrics.items() if k != "scores"}}
+    out = {}
+    for key, value in merged.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            continue
+        out[key] = float(value)
+    return out
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _cell(value) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _num(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
+def is_hub_model_id(name: str) -> bool:
+    """'owner/name' (a Hub id), as opposed to a local folder or an s3:// prefix."""
+    return bool(name) and "://" not in name and not name.startswith((".", "/", "~")) and bool(_HUB_ID.match(name))
+
+
+def model_card(meta: dict) -> str:
+    """The README.md of a release: YAML front matter (Hub metadata + model-index) and the markdown body.
+
+    Meta keys: repo_id, base_model, registry_version, snapshot_id, rows (split -> count), hyperparameters (dict,
+    may be nested), metrics (candidate), champion_metrics (dict or None), gate_summary, datasets (list), license;
+    optional: dataset ({name, type}), system_prompt, private. Deterministic: the same meta gives the same bytes.
+    """
+    repo_id = meta["repo_id"]
+    version = meta.get("registry_version", "?")
+    base_model = str(meta.get("base_model") or "")
+    snapshot_id = meta.get("snapshot_id") or "unknown"
+    datasets = list(meta.get("datasets") or [])
+    candidate = flat_metrics(meta.get("metrics"))
+    champion = flat_metrics(meta.get("champion_metrics")) if meta.get("champion_metrics") else None
+    dataset = dict(meta.get("dataset") or {"name": f"ECB support conversations (snapshot {snapshot_id})",
+                                          "type": datasets[0] if datasets else "ecb-support-conversations"})
+    dataset.setdefault("split", "test")
+
+    front: dict = {}
+    if is_hub_model_id(base_model):
+        front["base_model"] = base_model
+    front.update({
+        "library_name": "peft",
+        "pipeline_tag": "text-generation",
+        "license": meta.get("license") or DEFAULT_LICENSE,
+        "language": ["en"],
+        "tags": list(meta.get("tags") or DEFAULT_TAGS),
+        "datasets": datasets,
+        "model-index": [{
+            "name": repo_id.rsplit("/", 1)[-1],
+            "results": [{
+                "task": {"type": "text-generation", "name": "Text Generation"},
+                "dataset": dataset,
+                "metrics": [{"type": mtype, "name": name, "value": candidate[key]}
+                            for key, mtype, name in CARD_METRICS if key in candidate],
+            }],
+        }],
+    })
+    header = yaml.safe_dump(front, sort_keys=False, allow_unicode=True, default_flow_style=False)
+
+    rows = {str(k): v for k, v in (meta.get("rows") or {}).items()}
+    row_lines = [f"| {_cell(split)} | {_cell(n)} |" for split, n in rows.items()]
+    if rows and all(isinstance(n, int) for n in rows.values()):
+        row_lines.append(f"| **total** | {sum(rows.values())} |")
+    hp = _flatten(meta.get("hyperparameters") or {})
+    hp_lines = [f"| `{_cell(k)}` | {_cell(v)} |" for k, v in hp.items()]
+
+    eval_lines = []
+    for key, _, name in CARD_METRICS:
+        if key not in candidate:
+            continue
+        champ = champion.get(key) if champion else None
+        delta = "—" if champ is None else f"{candidate[key] - champ:+.4f}"
+        eval_lines.append(f"| {name} | {_num(candidate[key])} | {_num(champ)} | {delta} |")
+    gate = (meta.get("gate_summary") or "No gate decision was recorded for this release.").strip()
+    base_text = f"[`{base_model}`](https://huggingface.co/{base_model})" if is_hub_model_id(base_model) \
+        else "the platform's base chat model" + (f" (`{base_model}`)" if base_model else "")
+    snippet_base = base_model if is_hub_model_id(base_model) else "<base model id or path>"
+    system_prompt = meta.get("system_prompt") or ("You are a helpful, polite customer-support assistant for an "
+                                                  "online store.")
+
+    body = [
+        f"# {repo_id.rsplit('/', 1)[-1]} — release v{version}",
+        "",
+        f"A LoRA adapter for {base_text} that answers e-commerce customer-support questions (orders, "
+        "cancellations, refunds, delivery, payments, accounts). It was fine-tuned, evaluated and released by the ECB "
+        f"platform: registry version **{version}**, trained on data snapshot `{snapshot_id}`. Git tag of this "
+        f"release: `v{version}`.",
+        "",
+        "## Training data",
+        "",
+        f"Snapshot `{snapshot_id}`: support conversations (customer message, agent answer, intent and category "
+        "labels) converted to ChatML (system prompt, user, assistant) and split per intent so that the same "
+        "customer message never lands in two splits."
+        + (f" Datasets: {', '.join(f'`{d}`' for d in datasets)}." if datasets else ""),
+        "",
+        *(["| split | conversations |", "|---|---:|", *row_lines] if row_lines else ["Row counts were not recorded."]),
+        "",
+        "## Training procedure",
+        "",
+        "LoRA (PEFT) fine-tune of the base chat model on the training split, loss on the assistant tokens, AdamW "
+        "with linear warm-up and decay. Hyper-parameters (after the Optuna search, when one ran):",
+        "",
+        *(["| hyper-parameter | value |", "|---|---|", *hp_lines] if hp_lines
+          else ["Hyper-parameters were not recorded."]),
+        "",
+        "## Evaluation",
+        "",
+        "Greedy decoding on the snapshot's test split, scored against the reference answers: corpus BLEU-1..4 "
+        "(sacrebleu, 0..1), mean ROUGE-L precision, and the platform's weighted score of those metrics. The "
+        "champion is the model in production before this release.",
+        "",
+        *(["| metric | candidate (this release) | champion | delta |", "|---|---:|---:|---:|", *eval_lines]
+          if eval_lines else ["No evaluation metrics were recorded."]),
+        "",
+        *([] if champion else ["There was no champion to compare with (first release).", ""]),
+        f"**Gate decision:** {gate}",
+        "",
+        "## Intended use",
+        "",
+        "Drafting answers to customer-support messages of an online store, in English, with a human agent or "
+        "business rules in the loop. The adapter learned the tone and structure of support answers; it does not know "
+        "any real order, account, price or policy.",
+        "",
+        "## Limitations",
+        "",
+        "- Answers may state order numbers, deadlines, fees or policies that sound plausible but are made up: check "
+        "them against the shop's systems before sending.",
+        "- Trained on English, mostly templated support conversations; other languages, rare intents and long, "
+        "multi-issue messages are handled worse.",
+        "- BLEU and ROUGE measure overlap with reference answers, not correctness or helpfulness.",
+        "- Not meant for legal, medical or financial advice, nor for decisions about customers without review.",
+        "",
+        "## How to use",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'base = AutoModelForCausalLM.from_pretrained("{snippet_base}")',
+        f'model = PeftModel.from_pretrained(base, "{repo_id}", revision="v{version}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}", revision="v{version}")',
+        "",
+        "messages = [",
+        f"    {{\"role\": \"system\", \"content\": {json.dumps(system_prompt)}}},",
+        '    {"role": "user", "content": "I want to cancel my order, how do I do that?"},',
+        "]",
+        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
+        "return_dict=True)",
+        "output = model.generate(**inputs, max_new_tokens=160, do_sample=False)",
+        'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+        "```",
+        "",
+    ]
+    return f"---\n{header}---\n\n" + "\n".join(body)

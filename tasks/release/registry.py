@@ -1,0 +1,94 @@
+"""MLflow Model Registry client: who is the champion, and logging a candidate as a pyfunc model.
+
+A registered version carries its lineage as tags (pipeline run, dataset snapshot, gate decision, git commit,
+adapter location, base model). Aliases: ``champion`` is the serving model; ``previous`` keeps the one before it
+reachable for a rollback. Registering is idempotent: a version tagged with the same run id is reused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+from tasks.io import s3, tracking
+
+log = logging.getLogger("tasks.release.registry")
+
+
+class RegistryUnavailable(RuntimeError):
+    pass
+
+
+def registry_client():
+    if not tracking.enabled():
+        raise RegistryUnavailable("MLFLOW_TRACKING_URI is not set")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient()
+
+
+def serving_uri(cfg) -> str:
+    """The model the chat service serves: chat.model_uri, or the champion alias of release.registered_model."""
+    return cfg.chat.model_uri or f"models:/{cfg.release.registered_model}@champion"
+
+
+def version_info(mv) -> dict:
+    tags = mv.tags or {}
+    return {"version": str(mv.version), "run_id": tags.get("ecb.run_id"), "adapter_uri": tags.get("adapter_uri"),
+            "snapshot_id": tags.get("snapshot_id"), "base_model": tags.get("base_model")}
+
+
+def champion(name: str) -> dict | None:
+    """The version behind the `champion` alias, None when there is none; RegistryUnavailable when the registry
+    cannot be asked (the gate then fails closed)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client = registry_client()
+        return version_info(client.get_model_version_by_alias(name, "champion"))
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise RegistryUnavailable(str(exc)) from exc
+    except (OSError, ConnectionError) as exc:
+        raise RegistryUnavailable(str(exc)) from exc
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("ECB_GIT_COMMIT", "unknown")
+
+
+def version_of_run(client, name: str, run_id: str):
+    for mv in client.search_model_versions(f"name = '{name}'"):
+        if (mv.tags or {}).get("ecb.run_id") == run_id:
+            return mv
+    return None
+
+
+def log_candidate(mlflow_run_id: str, adapter_uri: str, cfg) -> str:
+    """Log the adapter + tokenizer + resolved config as an MLflow pyfunc model with a signature; returns its URI."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from tasks.release.pyfunc import ChatbotModel
+
+    example = {"messages": [json.dumps([{"role": "user", "content": "Where is my order {{Order Number}}?"}])]}
+    signature = infer_signature(example, ["Your order ships today."])
+    with tempfile.TemporaryDirectory() as tmp:
+        s3.download_prefix(adapter_uri, tmp)
+        with mlflow.start_run(run_id=mlflow_run_id):
+            # Signature only: an input example would make MLflow load the model and run it just to validate.
+            info = mlflow.pyfunc.log_model(name="chatbot", python_model=ChatbotModel(), artifacts={"adapter": tmp},
+                                           signature=signature,
+                                           code_paths=[str(Path(__file__).resolve().parents[1])],  # the tasks package
+                                           model_config={"base_model": cfg.model.base_model,
+                                                         "max_new_tokens": cfg.eval.max_new_tokens})
+    return info.model_uri
