@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: install chromium demo test chaos lint bench stack-up stack-down clean
+.PHONY: install chromium demo test test-unit chaos lint bench stack-up stack-down clean
 
 install: $(VENV)/.installed chromium
 
@@ -25,9 +25,12 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/ecb demo
 
-test: install
-	$(VENV)/bin/ruff check .
+test: install lint
 	$(VENV)/bin/pytest
+
+# The unit tests only: no database, S3, MLflow or Airflow server is started (under 2 minutes on 2 cores).
+test-unit: install lint
+	$(VENV)/bin/pytest tests/unit tests/test_dag_integrity.py -m 'not integration and not chaos'
 
 # Fault injection, fuzzing and long load tests against the real servers (see RELIABILITY.md).
 chaos: install
@@ -36,8 +39,10 @@ chaos: install
 bench: install
 	$(PY) -m bench all
 
+# ruff, then the import layers of tasks/, plugins/ and bench/ (import-linter contracts in pyproject.toml).
 lint: install
 	$(VENV)/bin/ruff check .
+	PYTHONPATH=plugins $(VENV)/bin/lint-imports
 
 stack-up: install
 	$(VENV)/bin/ecb stack up
