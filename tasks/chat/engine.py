@@ -156,22 +156,32 @@ class Generator:
                 batch = Batch()
 
     def _admit(self, batch):
-        """Prefill waiting requests of the batch's model into free rows (all of them when the batch is empty)."""
+        """Prefill waiting requests of the batch's model into free rows (all of them when the batch is empty).
+
+        A request whose prefill raises gets its error event at once and the others go on being admitted; whatever
+        happens, every request taken from ``pending`` is either in the batch, answered, or back in ``pending``."""
         waiting = deque()
-        while self.pending:
-            job = self.pending.popleft()
-            if isinstance(job, Call):
-                job.run()
-                continue
-            if job.cancelled.is_set():
-                continue
-            if len(batch.jobs) >= self.max_batch_size or (batch.jobs and job.handle is not batch.handle):
-                waiting.append(job)
-                continue
-            if not batch.jobs and batch.handle is not job.handle:
-                batch = StaticBatch(job.handle) if job.handle.decoder is not None else Batch()
-            batch.add(job)
-        self.pending = waiting
+        try:
+            while self.pending:
+                job = self.pending.popleft()
+                if isinstance(job, Call):
+                    job.run()
+                    continue
+                if job.cancelled.is_set():
+                    continue
+                if len(batch.jobs) >= self.max_batch_size or (batch.jobs and job.handle is not batch.handle):
+                    waiting.append(job)
+                    continue
+                if not batch.jobs and batch.handle is not job.handle:
+                    batch = StaticBatch(job.handle) if job.handle.decoder is not None else Batch()
+                try:
+                    batch.add(job)
+                except Exception as exc:  # this request's prefill failed: fail it alone, the others are unaffected
+                    log.exception("prefill of a %d-token prompt failed", len(job.prompt_ids))
+                    job.events.put(("error", f"generation failed: {type(exc).__name__}"))
+        finally:
+            waiting.extend(self.pending)
+            self.pending = waiting
         return batch
 
 

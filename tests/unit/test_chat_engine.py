@@ -158,3 +158,44 @@ def test_reload_warms_up_the_static_step_on_the_worker_or_falls_back(loaded):
     while (event := job.events.get(timeout=60))[0] == "token":
         pass
     assert event[0] == "done" and len(job.tokens) > 0
+
+
+class PoisonedModel(torch.nn.Module):
+    """The real model, except that a prompt starting with the poisoned token id raises in its forward pass."""
+
+    def __init__(self, model, poison: int):
+        super().__init__()
+        self.inner, self.poison, self.config = model, poison, model.config
+
+    def forward(self, input_ids=None, **kwargs):
+        if input_ids.shape[1] > 1 and int(input_ids[0, 1]) == self.poison:
+            raise RuntimeError("prefill exploded")
+        return self.inner(input_ids=input_ids, **kwargs)
+
+
+@pytest.mark.parametrize("path", ["dynamic", "static"])
+def test_a_failing_prefill_fails_only_its_own_request_at_once(loaded, path):
+    """Three requests arrive together; the second one's prefill raises. It gets its error event right away (not
+    after request_timeout_s) and the first and third still get exactly their one-at-a-time tokens."""
+    import time
+
+    tokenizer, model, prompts = loaded
+    ids = generation.encode_prompts(tokenizer, prompts[:3])
+    poison = 999_999  # no real token: the poisoned prompt is the second one with its first token id swapped
+    bad = [ids[1][0], poison, *ids[1][2:]]
+    handle = ModelHandle(tokenizer, PoisonedModel(model, poison), "t", {})
+    if path == "static":
+        handle.decoder = static.StaticDecoder(model, rows=3, width=model.config.max_position_embeddings)
+    worker = Generator(max_batch_size=3)
+    jobs = [Job(handle, ids[0], 8), Job(handle, bad, 8), Job(handle, ids[2], 8)]
+    started = time.monotonic()
+    for job in jobs:
+        worker.submit(job)
+    kind, message = jobs[1].events.get(timeout=30)
+    assert (kind, message) == ("error", "generation failed: RuntimeError")
+    assert time.monotonic() - started < 30
+    for job, prompt in ((jobs[0], prompts[0]), (jobs[2], prompts[2])):
+        while (event := job.events.get(timeout=60))[0] == "token":
+            pass
+        assert event[0] == "done", event
+        assert job.tokens == generation.generate_token_ids_one_at_a_time(model, tokenizer, [prompt], 8)[0]
