@@ -54,9 +54,9 @@ class ModelHandle:
     @cached_property
     def eos_ids(self) -> set[int]:
         """Token ids that end a reply; fixed for a loaded model, so computed once, not per generated token."""
-        from tasks.ml.generation import _eos_ids
+        from tasks.ml.generation import eos_token_ids
 
-        return set(_eos_ids(self.model, self.tokenizer))
+        return set(eos_token_ids(self.model, self.tokenizer))
 
 
 @dataclass

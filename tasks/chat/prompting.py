@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 import secrets
 
+from tasks.ml.generation import with_bos
+
 
 class PromptTooLong(ValueError):
     pass
@@ -26,19 +28,12 @@ def contains_control(tokenizer, text: str) -> bool:
     return any(c in text for c in _control_strings(tokenizer))
 
 
-def _bos(tokenizer, ids: list[int]) -> list[int]:
-    from tasks.ml.generation import _adds_bos
-
-    bos = tokenizer.bos_token_id
-    return [bos, *ids] if _adds_bos(tokenizer) and ids[:1] != [bos] else ids
-
-
 def encode_conversation(tokenizer, messages: list[dict]) -> list[int]:
     """Prompt ids for messages (ending with a user turn), ready for the assistant's answer."""
     msgs = [{"role": m["role"], "content": m["content"].strip()} for m in messages]
     if not any(contains_control(tokenizer, m["content"]) for m in msgs):
         text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        return _bos(tokenizer, list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+        return with_bos(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
     nonce = secrets.token_hex(8)
     marks = [f"\ue000{nonce}{i}\ue001" for i in range(len(msgs))]
     text = tokenizer.apply_chat_template([{**m, "content": mark} for m, mark in zip(msgs, marks, strict=True)],
@@ -52,7 +47,7 @@ def encode_conversation(tokenizer, messages: list[dict]) -> list[int]:
             ids += tokenizer(content, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         else:
             ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
-    return _bos(tokenizer, ids)
+    return with_bos(tokenizer, ids)
 
 
 def build_prompt(tokenizer, system_prompt: str, history: list[dict], budget: int) -> tuple[list[int], int]:

@@ -2,11 +2,11 @@
 
 torch / transformers / peft are imported inside the functions so that importing this module stays cheap.
 
-Prompt tokens: the rendered chat prompt is tokenized with ``add_special_tokens=False`` and the tokenizer's BOS is
-put in front exactly when the tokenizer adds one by default (Llama / TinyLlama: ``<s>``) and the rendered prompt
-does not already start with it. That reproduces the first tokens the training step (``tokenizer(full_text)``,
-default special tokens) showed the model, never doubles a BOS that the chat template writes itself, and is used
-by both the batched path and the one-at-a-time reference, so they see identical prompt ids.
+Prompt tokens: rendered chat text is tokenized with ``add_special_tokens=False`` and the tokenizer's BOS is put in
+front exactly when the tokenizer adds one by default (Llama / TinyLlama: ``<s>``) and the text does not already
+start with it (``with_bos``). Training (``training.encode``), evaluation, the one-at-a-time reference and the chat
+service all use this rule, so a conversation's prompt part has the same ids everywhere and a chat template that
+writes its own BOS never gets a second one.
 
 Batched generation: prompts are sorted by token length (longest first, ties by original position) and cut into
 batches; each batch is LEFT-padded by hand (so the last prompt token of every row sits in the last column), with an
@@ -38,7 +38,8 @@ def render_prompts(tokenizer, conversations: list[list[dict]]) -> list[str]:
     return prompts
 
 
-def _adds_bos(tokenizer) -> bool:
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS in front of a text by default (its post-processor does)."""
     bos = tokenizer.bos_token_id
     if bos is None:
         return False
@@ -47,15 +48,20 @@ def _adds_bos(tokenizer) -> bool:
     return with_special[:1] == [bos] and plain[:1] != [bos]
 
 
+def with_bos(tokenizer, ids: list[int], add: bool | None = None) -> list[int]:
+    """ids (of text tokenized with add_special_tokens=False) with the BOS rule of the module doc applied.
+    ``add`` is ``adds_bos(tokenizer)`` when the caller has it already (it tokenizes twice)."""
+    bos = tokenizer.bos_token_id
+    add = adds_bos(tokenizer) if add is None else add
+    return [bos, *ids] if add and ids[:1] != [bos] else list(ids)
+
+
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     """Token ids of rendered prompts (see the module doc for the BOS rule)."""
-    bos = tokenizer.bos_token_id
-    add_bos = _adds_bos(tokenizer)
+    add = adds_bos(tokenizer)
     out = []
     for prompt in prompts:
-        ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        if add_bos and ids[:1] != [bos]:
-            ids = [bos, *ids]
+        ids = with_bos(tokenizer, tokenizer(prompt, add_special_tokens=False)["input_ids"], add)
         if not ids:
             raise ValueError("a prompt encodes to no tokens")
         out.append(ids)
@@ -69,7 +75,7 @@ def _pad_id(tokenizer) -> int:
     raise ValueError("the tokenizer has no pad, eos or unk token to pad with")
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def eos_token_ids(model, tokenizer) -> list[int]:
     ids: list[int] = []
     for source in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
         if source is None:
@@ -114,7 +120,7 @@ def generate_token_ids(model, tokenizer, prompts: list[str], max_new_tokens: int
     device = torch.device(device) if device is not None else _model_device(model)
     encoded = encode_prompts(tokenizer, prompts)
     pad_id = _pad_id(tokenizer)
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
     results: list[list[int] | None] = [None] * len(encoded)
     saved_side = tokenizer.padding_side
@@ -145,7 +151,7 @@ def generate_token_ids_one_at_a_time(model, tokenizer, prompts: list[str], max_n
 
     device = torch.device(device) if device is not None else _model_device(model)
     pad_id = _pad_id(tokenizer)
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     results = []
     with torch.inference_mode():
         for ids in encode_prompts(tokenizer, prompts):

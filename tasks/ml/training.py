@@ -60,8 +60,13 @@ class TrainState:
         return asdict(self)
 
 
-def encode(tokenizer, messages: list[dict], max_len: int) -> Example | None:
-    """Tokenize one conversation; label only the assistant answer (and its end-of-turn token)."""
+def encode(tokenizer, messages: list[dict], max_len: int, add_bos: bool | None = None) -> Example | None:
+    """Tokenize one conversation; label only the assistant answer (and its end-of-turn token).
+
+    The prompt part gets exactly the ids generation and the chat service feed the model (``generation.with_bos``:
+    special tokens come from the chat template, plus the tokenizer's BOS unless the template wrote one)."""
+    from tasks.ml.generation import with_bos
+
     prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     if not full.startswith(prompt):
@@ -69,15 +74,21 @@ def encode(tokenizer, messages: list[dict], max_len: int) -> Example | None:
                         "cannot tell assistant tokens from the rest")
     answer_end = full.find(tokenizer.eos_token, len(prompt))
     answer_end = len(full) if answer_end < 0 else answer_end + len(tokenizer.eos_token)
-    enc = tokenizer(full, return_offsets_mapping=True, truncation=True, max_length=max_len)
+    enc = tokenizer(full, return_offsets_mapping=True, add_special_tokens=False)
+    ids = with_bos(tokenizer, enc["input_ids"], add_bos)
+    offsets = [(-1, -1)] * (len(ids) - len(enc["input_ids"])) + list(enc["offset_mapping"])  # BOS: not a label
+    ids, offsets = ids[:max_len], offsets[:max_len]
     labels = [tok if len(prompt) <= start < answer_end else IGNORE
-              for tok, (start, end) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)]
-    ex = Example(list(enc["input_ids"]), labels)
+              for tok, (start, end) in zip(ids, offsets, strict=True)]
+    ex = Example(ids, labels)
     return ex if ex.n_label else None
 
 
 def encode_all(tokenizer, records: list[dict], max_len: int) -> list[Example]:
-    examples = [encode(tokenizer, r["messages"], max_len) for r in records]
+    from tasks.ml.generation import adds_bos
+
+    add_bos = adds_bos(tokenizer)
+    examples = [encode(tokenizer, r["messages"], max_len, add_bos) for r in records]
     kept = [e for e in examples if e is not None]
     if len(kept) < len(examples):
         log.warning("%d conversation(s) had no answer tokens left after truncation to %d tokens; skipped",

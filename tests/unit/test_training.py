@@ -59,3 +59,32 @@ def test_total_steps_from_epochs_or_max_steps():
     assert total_steps(95, t) == 20
     t.max_steps = 7
     assert total_steps(95, t) == 7
+
+
+def _bos_writing(tokenizer):
+    """The same tokenizer with a chat template that writes its own BOS (as Llama-2-style templates do)."""
+    import copy
+
+    other = copy.deepcopy(tokenizer)
+    other.chat_template = "{{ bos_token }}" + tokenizer.chat_template
+    return other
+
+
+@pytest.mark.parametrize("template", ["tinyllama", "writes-bos"])
+def test_prompt_ids_in_training_equal_what_generation_and_chat_feed_the_model(tokenizer, template):
+    """The prompt part of a training example is token for token what evaluation (generation.encode_prompts) and the
+    chat service (prompting.encode_conversation) put in front of the answer: one BOS, never two."""
+    from tasks.chat.prompting import encode_conversation
+    from tasks.demo import model as demo_model
+    from tasks.ml import generation
+
+    tok = tokenizer if template == "tinyllama" else _bos_writing(tokenizer)
+    assert tokenizer.chat_template == demo_model.ZEPHYR_CHAT_TEMPLATE  # TinyLlama-1.1B-Chat's template, verbatim
+    messages = conversation()
+    ex = encode(tok, messages, max_len=512)
+    first_label = next(i for i, lab in enumerate(ex.labels) if lab != IGNORE)
+    training_prompt = ex.input_ids[:first_label]
+    rendered = generation.render_prompts(tok, [messages])
+    assert training_prompt == generation.encode_prompts(tok, rendered)[0]
+    assert training_prompt == encode_conversation(tok, messages[:-1])
+    assert training_prompt.count(tok.bos_token_id) == 1 and training_prompt[0] == tok.bos_token_id
