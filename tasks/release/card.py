@@ -1,13 +1,16 @@
 """The model card (README.md) of a release on the Hugging Face Hub: Hub metadata and model-index in the YAML front
 matter, then training data, procedure, evaluation against the champion and the gate's decision. Deterministic: the
-same release metadata always gives the same bytes, so a retried push commits nothing new."""
+same release metadata always gives the same bytes, so a retried push commits nothing new. The markdown lives in
+templates/model_card.md (string.Template, ``$name`` placeholders); this module computes the pieces that fill it."""
 
 from __future__ import annotations
 
 import json
 import math
 import re
+import string
 from collections.abc import Mapping
+from importlib import resources
 
 import yaml
 
@@ -23,6 +26,9 @@ CARD_METRICS = (
     ("weighted_score", "custom", "Weighted score"),
 )
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# The card's markdown (front matter delimiters included), with $name placeholders that model_card() fills in.
+MODEL_CARD_TEMPLATE = string.Template(
+    (resources.files("tasks.release") / "templates" / "model_card.md").read_text(encoding="utf-8"))
 
 
 def flat_metrics(metrics: Mapping | None) -> dict[str, float]:
@@ -57,6 +63,11 @@ def _num(value: float | None) -> str:
     return "—" if value is None else f"{value:.4f}"
 
 
+def _table(header: list[str], lines: list[str], empty: str) -> str:
+    """A markdown table, or the sentence ``empty`` when there are no rows."""
+    return "\n".join([*header, *lines]) if lines else empty
+
+
 def is_hub_model_id(name: str) -> bool:
     """'owner/name' (a Hub id), as opposed to a local folder or an s3:// prefix."""
     return bool(name) and "://" not in name and not name.startswith((".", "/", "~")) and bool(_HUB_ID.match(name))
@@ -70,6 +81,7 @@ def model_card(meta: dict) -> str:
     optional: dataset ({name, type}), system_prompt, private. Deterministic: the same meta gives the same bytes.
     """
     repo_id = meta["repo_id"]
+    model_name = repo_id.rsplit("/", 1)[-1]
     version = meta.get("registry_version", "?")
     base_model = str(meta.get("base_model") or "")
     snapshot_id = meta.get("snapshot_id") or "unknown"
@@ -91,7 +103,7 @@ def model_card(meta: dict) -> str:
         "tags": list(meta.get("tags") or DEFAULT_TAGS),
         "datasets": datasets,
         "model-index": [{
-            "name": repo_id.rsplit("/", 1)[-1],
+            "name": model_name,
             "results": [{
                 "task": {"type": "text-generation", "name": "Text Generation"},
                 "dataset": dataset,
@@ -123,77 +135,22 @@ def model_card(meta: dict) -> str:
     system_prompt = meta.get("system_prompt") or ("You are a helpful, polite customer-support assistant for an "
                                                   "online store.")
 
-    body = [
-        f"# {repo_id.rsplit('/', 1)[-1]} — release v{version}",
-        "",
-        f"A LoRA adapter for {base_text} that answers e-commerce customer-support questions (orders, "
-        "cancellations, refunds, delivery, payments, accounts). It was fine-tuned, evaluated and released by the ECB "
-        f"platform: registry version **{version}**, trained on data snapshot `{snapshot_id}`. Git tag of this "
-        f"release: `v{version}`.",
-        "",
-        "## Training data",
-        "",
-        f"Snapshot `{snapshot_id}`: support conversations (customer message, agent answer, intent and category "
-        "labels) converted to ChatML (system prompt, user, assistant) and split per intent so that the same "
-        "customer message never lands in two splits."
-        + (f" Datasets: {', '.join(f'`{d}`' for d in datasets)}." if datasets else ""),
-        "",
-        *(["| split | conversations |", "|---|---:|", *row_lines] if row_lines else ["Row counts were not recorded."]),
-        "",
-        "## Training procedure",
-        "",
-        "LoRA (PEFT) fine-tune of the base chat model on the training split, loss on the assistant tokens, AdamW "
-        "with linear warm-up and decay. Hyper-parameters (after the Optuna search, when one ran):",
-        "",
-        *(["| hyper-parameter | value |", "|---|---|", *hp_lines] if hp_lines
-          else ["Hyper-parameters were not recorded."]),
-        "",
-        "## Evaluation",
-        "",
-        "Greedy decoding on the snapshot's test split, scored against the reference answers: corpus BLEU-1..4 "
-        "(sacrebleu, 0..1), mean ROUGE-L precision, and the platform's weighted score of those metrics. The "
-        "champion is the model in production before this release.",
-        "",
-        *(["| metric | candidate (this release) | champion | delta |", "|---|---:|---:|---:|", *eval_lines]
-          if eval_lines else ["No evaluation metrics were recorded."]),
-        "",
-        *([] if champion else ["There was no champion to compare with (first release).", ""]),
-        f"**Gate decision:** {gate}",
-        "",
-        "## Intended use",
-        "",
-        "Drafting answers to customer-support messages of an online store, in English, with a human agent or "
-        "business rules in the loop. The adapter learned the tone and structure of support answers; it does not know "
-        "any real order, account, price or policy.",
-        "",
-        "## Limitations",
-        "",
-        "- Answers may state order numbers, deadlines, fees or policies that sound plausible but are made up: check "
-        "them against the shop's systems before sending.",
-        "- Trained on English, mostly templated support conversations; other languages, rare intents and long, "
-        "multi-issue messages are handled worse.",
-        "- BLEU and ROUGE measure overlap with reference answers, not correctness or helpfulness.",
-        "- Not meant for legal, medical or financial advice, nor for decisions about customers without review.",
-        "",
-        "## How to use",
-        "",
-        "```python",
-        "from peft import PeftModel",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        f'base = AutoModelForCausalLM.from_pretrained("{snippet_base}")',
-        f'model = PeftModel.from_pretrained(base, "{repo_id}", revision="v{version}")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}", revision="v{version}")',
-        "",
-        "messages = [",
-        f"    {{\"role\": \"system\", \"content\": {json.dumps(system_prompt)}}},",
-        '    {"role": "user", "content": "I want to cancel my order, how do I do that?"},',
-        "]",
-        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", "
-        "return_dict=True)",
-        "output = model.generate(**inputs, max_new_tokens=160, do_sample=False)",
-        'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
-        "```",
-        "",
-    ]
-    return f"---\n{header}---\n\n" + "\n".join(body)
+    # string.Template substitutes once: a "$" or "{...}" inside a value stays literal.
+    return MODEL_CARD_TEMPLATE.substitute(
+        front_matter=header,
+        title=model_name,
+        version=version,
+        repo_id=repo_id,
+        base_text=base_text,
+        snapshot_id=snapshot_id,
+        datasets_note=f" Datasets: {', '.join(f'`{d}`' for d in datasets)}." if datasets else "",
+        rows_table=_table(["| split | conversations |", "|---|---:|"], row_lines, "Row counts were not recorded."),
+        hyperparameters_table=_table(["| hyper-parameter | value |", "|---|---|"], hp_lines,
+                                     "Hyper-parameters were not recorded."),
+        evaluation_table=_table(["| metric | candidate (this release) | champion | delta |", "|---|---:|---:|---:|"],
+                                eval_lines, "No evaluation metrics were recorded."),
+        champion_note="" if champion else "There was no champion to compare with (first release).\n\n",
+        gate=gate,
+        snippet_base=snippet_base,
+        system_prompt_json=json.dumps(system_prompt),
+    )

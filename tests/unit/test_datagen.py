@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 import csv
+import fnmatch
 import hashlib
 import io
 import random
 import re
 import time
+import tomllib
 from collections import Counter
+from importlib import resources
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tasks.config import Config
 from tasks.context import StepContext
@@ -253,3 +258,146 @@ def test_cli_writes_csv(tmp_path):
     out = tmp_path / "demo.csv"
     assert datagen.main(["--rows", "40", "--seed", "2", "--out", str(out)]) == 0
     assert out.read_bytes() == datagen.to_csv_bytes(datagen.generate_rows(40, seed=2))
+
+
+# The intent and phrase tables live in tasks/demo/intents.yaml, read and validated once at import.
+
+INTENT_KEYS = ["category", "templates", "actions", "keywords", "openers", "bodies"]
+
+
+def data_text() -> str:
+    return resources.files("tasks.demo").joinpath(datagen.DATA_FILE).read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def raw_tables() -> dict:
+    return yaml.safe_load(data_text())
+
+
+def strings(tree):
+    """Every leaf of the parsed YAML (mapping keys included) with its path."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield key, key
+            for path, leaf in strings(value):
+                yield f"{key}.{path}", leaf
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            for path, leaf in strings(value):
+                yield f"[{i}].{path}", leaf
+    else:
+        yield "", tree
+
+
+def test_data_file_is_well_formed(raw_tables):
+    assert list(raw_tables) == list(datagen.TABLE_NAMES)
+    intents = raw_tables["intents"]
+    assert list(intents) == list(datagen.INTENTS) and len(intents) >= 24
+    for name, entry in intents.items():
+        assert re.fullmatch(r"[a-z]+(_[a-z]+)*", name)
+        assert list(entry) == INTENT_KEYS, name
+        assert isinstance(entry["category"], str) and re.fullmatch(r"[A-Z]+", entry["category"]), name
+        assert entry["category"] == datagen.INTENTS[name]
+        for field in INTENT_KEYS[1:]:
+            assert isinstance(entry[field], list) and entry[field], (name, field)
+            for text in entry[field]:
+                assert isinstance(text, str) and text.strip() == text and text, (name, field, text)
+                assert set(PLACEHOLDER_RE.findall(text)) <= datagen.PLACEHOLDERS, (name, field, text)
+                rest = re.sub(r"\[[^\[\]]+\]", "", PLACEHOLDER_RE.sub("", text))
+                assert not set(rest) & set("{}[]"), (name, field, text)
+    for table in ("frames", "question_frames"):
+        assert all(PLACEHOLDER_RE.sub("", f).count("{a}") == 1 for f in raw_tables[table]), table
+    assert all(f.endswith("?") for f in raw_tables["question_frames"])
+    assert all(g == g.lower() for g in raw_tables["greetings"])
+    assert set(raw_tables["variation_weights"]) == datagen.FLAG_LETTERS - {"B"}
+    # YAML turns unquoted no/yes/on/off and numbers into bools and ints: only the weights may be anything but text
+    for path, leaf in strings({k: v for k, v in raw_tables.items() if k != "variation_weights"}):
+        assert isinstance(leaf, str), (path, leaf)
+    assert all(type(w) is int and w > 0 for w in raw_tables["variation_weights"].values())
+    # the module's tables are exactly the file's, validated
+    assert datagen.build_tables(copy.deepcopy(raw_tables)) == datagen.read_tables() == datagen._TABLES
+
+
+def test_data_file_ships_in_the_wheel():
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    if not pyproject.is_file():
+        pytest.skip("not running from a source checkout")
+    package_data = tomllib.loads(pyproject.read_text(encoding="utf-8"))["tool"]["setuptools"]["package-data"]
+    assert any(fnmatch.fnmatch(f"demo/{datagen.DATA_FILE}", pattern) for pattern in package_data["tasks"])
+
+
+def _set(path: tuple, value):
+    def mutate(raw):
+        node = raw
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    return mutate
+
+
+def _delete(path: tuple):
+    def mutate(raw):
+        node = raw
+        for key in path[:-1]:
+            node = node[key]
+        del node[path[-1]]
+    return mutate
+
+
+@pytest.mark.parametrize(("mutate", "message"), [
+    (_delete(("intents", "cancel_order", "category")), r"intent 'cancel_order', field 'category': missing"),
+    (_delete(("intents", "track_order", "bodies")), r"intent 'track_order', field 'bodies': missing"),
+    (_set(("intents", "change_order", "templates"), []),
+     r"intent 'change_order', field 'templates': expected a non-empty list"),
+    (_set(("intents", "place_order", "openers"), "one opener"),
+     r"intent 'place_order', field 'openers': expected a non-empty list of strings, got str"),
+    (_set(("intents", "track_order", "bodies", 1), "Ask the carrier with {{Tracking Code}}."),
+     r"intent 'track_order', field 'bodies'\[1\]: unknown placeholder \{\{Tracking Code\}\}"),
+    (_set(("intents", "get_refund", "keywords", 0), False),
+     r"intent 'get_refund', field 'keywords'\[0\]: expected a string, got bool False"),
+    (_set(("intents", "review", "actions", 2), 404),
+     r"intent 'review', field 'actions'\[2\]: expected a string, got int 404"),
+    (_set(("intents", "complaint", "templates", 0), "I want to [complain|object about order"),
+     r"intent 'complaint', field 'templates'\[0\]: unbalanced or nested \[a\|b\] alternation"),
+    (_set(("intents", "complaint", "openers", 0), "Sorry about order {Order Number}."),
+     r"intent 'complaint', field 'openers'\[0\]: brace outside"),
+    (_set(("intents", "cancel_order", "category"), "Order"), r"intent 'cancel_order', field 'category': must be upper"),
+    (_set(("intents", "cancel_order", "responses"), ["Done."]), r"intent 'cancel_order', field 'responses': unknown"),
+    (_set(("intents", "cancel_order"), ["not", "a", "mapping"]), r"intent 'cancel_order': expected a mapping"),
+    (_set(("intents", "Cancel-Order"), {}), r"intent 'Cancel-Order': intent names are lower_snake_case"),
+    (_set(("intents",), {}), r"table 'intents': expected a non-empty mapping"),
+    (_delete(("closings",)), r"table 'closings': missing"),
+    (_set(("openers",), ["Hi."]), r"table 'openers': unknown table"),
+    (_set(("frames", 0), "I need to do it"), r"table 'frames'\[0\]: a frame needs exactly one \{a\}"),
+    (_set(("question_frames", 1), "can you help me {a}"), r"table 'question_frames'\[1\]: must end with '\?'"),
+    (_set(("greetings", 0), "Hi, "), r"table 'greetings'\[0\]: must be lower case"),
+    (_set(("closings", 2), "Call {{Support Line}}."), r"table 'closings'\[2\]: unknown placeholder"),
+    (_delete(("variation_weights", "K")), r"table 'variation_weights', letter 'K': missing"),
+    (_set(("variation_weights", "Z"), True), r"table 'variation_weights', letter 'Z': expected a positive integer"),
+    (_set(("synonyms", "Order"), ["purchase"]), r"table 'synonyms', key 'Order': must be lower case"),
+    (_set(("synonyms", "order"), "purchase"), r"table 'synonyms', key 'order': expected a non-empty list"),
+    (_set(("contractions", "i'm"), None), r"table 'contractions', key \"i'm\": expected a string, got NoneType"),
+    (_set(("colloquial", "you"), "yall"), r"table 'colloquial', key 'you': 'yall' is not in COLLOQUIAL_MARKERS"),
+])
+def test_malformed_tables_name_the_intent_and_field(raw_tables, mutate, message):
+    raw = copy.deepcopy(raw_tables)
+    mutate(raw)
+    with pytest.raises(ValueError, match=r"^intents\.yaml: " + message):
+        datagen.build_tables(raw)
+
+
+@pytest.mark.parametrize(("old", "new", "message"), [
+    # unquoted YAML scalars that are not strings
+    ("      - order cancellation\n", "      - no\n",
+     r"intent 'cancel_order', field 'keywords'\[1\]: expected a string, got bool False \(quote it"),
+    ("      - order cancellation\n", "      - 404\n", r"intent 'cancel_order', field 'keywords'\[1\]: .* got int 404"),
+    ("  change_order:\n", "  cancel_order:\n", r"invalid YAML: .*duplicate key 'cancel_order'"),
+    ("intents:\n", "intents: [\n", r"invalid YAML"),
+])
+def test_yaml_pitfalls_are_refused(old, new, message):
+    text = data_text()
+    assert text.count(old) == 1
+    with pytest.raises(ValueError, match=r"^intents\.yaml: " + message):
+        datagen.read_tables(text.replace(old, new))
+    with pytest.raises(ValueError, match=r"^intents\.yaml: expected a mapping of tables"):
+        datagen.read_tables("- just\n- a list\n")

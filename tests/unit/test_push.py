@@ -9,8 +9,10 @@ adapter folder of small fake files, and run() gets its download step replaced.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import shutil
+import tomllib
 from pathlib import Path
 
 import huggingface_hub
@@ -21,6 +23,7 @@ from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from tasks.config import load_config
 from tasks.context import StepContext
 from tasks.errors import StepError
+from tasks.release import card as card_lib
 from tasks.release import hub as hub_lib
 from tasks.release.card import model_card
 from tasks.steps import push_to_hub
@@ -276,3 +279,37 @@ def test_step_needs_its_inputs(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     with pytest.raises(StepError, match="registry_version"):
         push_to_hub.run(StepContext("push_to_hub", "test", load_config(), inputs={"adapter_uri": "s3://b/a"}))
+
+
+def test_card_template_is_shipped_and_fully_filled():
+    assert card_lib.MODEL_CARD_TEMPLATE.is_valid()
+    assert {"front_matter", "repo_id", "version", "gate"} <= set(card_lib.MODEL_CARD_TEMPLATE.get_identifiers())
+    card = model_card({**META, "repo_id": REPO, "registry_version": "3"})
+    assert "$" not in card  # every placeholder was filled
+    assert card.startswith("---\n") and card.endswith("```\n") and not card.endswith("\n\n")
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    if pyproject.is_file():
+        package_data = tomllib.loads(pyproject.read_text(encoding="utf-8"))["tool"]["setuptools"]["package-data"]
+        assert any(fnmatch.fnmatch("release/templates/model_card.md", p) for p in package_data["tasks"])
+
+
+def test_card_values_are_not_template_syntax():
+    tricky = "Held: costs $5 ${version} $$ {repo_id} {{x}} % %s"
+    card = model_card({**META, "repo_id": REPO, "registry_version": "3", "gate_summary": tricky,
+                       "system_prompt": "Say $name {name}"})
+    assert f"**Gate decision:** {tricky}\n" in card
+    assert '{"role": "system", "content": "Say $name {name}"},' in card
+
+
+def test_card_flattens_nested_hyperparameters():
+    card = model_card({**META, "repo_id": REPO, "registry_version": "3",
+                       "hyperparameters": {"lora": {"r": 8, "target_modules": ["q_proj"], "extra": {"d": 0.1}},
+                                           "training.epochs": 2}})
+    assert "| `lora.r` | 8 |\n| `lora.target_modules` | [\"q_proj\"] |\n| `lora.extra.d` | 0.1 |\n" \
+           "| `training.epochs` | 2 |\n" in card
+    no_data = model_card({"repo_id": REPO})
+    for sentence in ("Row counts were not recorded.", "Hyper-parameters were not recorded.",
+                     "No evaluation metrics were recorded.", "There was no champion to compare with (first release).",
+                     "**Gate decision:** No gate decision was recorded for this release."):
+        assert sentence in no_data
+    assert "release v?" in no_data and 'from_pretrained("<base model id or path>")' in no_data
