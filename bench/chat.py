@@ -161,10 +161,10 @@ class LocalService:
         cfg_file.write_text(yaml.safe_dump({"chat": {
             "model_uri": str(model_dir), "max_new_tokens": self.max_new_tokens, "rate_limit_per_minute": 100000,
             "create_limit_per_minute": 100000, "max_batch_size": 32, "static_cache": self.static_cache,
-            "compile": self.compile}}))
+            "compile": self.compile}, "pipeline": {"log_level": "WARNING"}}))
         port = stack.free_port()
         self.admin = env["ECB_CHAT_ADMIN_TOKEN"]
-        env.update(ECB_CONFIG=str(cfg_file), ECB_LOG_LEVEL="WARNING", ECB_DB_POOL_SIZE="8")
+        env["ECB_CONFIG"] = str(cfg_file)  # the service's pool: chat.db_pool_size (8)
         from tasks.release.deploy import gunicorn_argv
 
         self.log = stack.state_dir() / "logs" / "bench-chat.log"
@@ -192,7 +192,8 @@ def build_model(out: Path, size: str) -> None:
     texts = [r["instruction"] for r in rows] + [r["response"] for r in rows]
     tokenizer = demo_model.build_tokenizer(texts, vocab_size=2048 if size != "tiny" else 512)
     model = demo_model.build_model(tokenizer, size=size)
-    demo_model.pretrain(model, tokenizer, texts, steps=150 if size == "tiny" else 120)
+    # threads=None: the count `python -m bench --threads` set for this process
+    demo_model.pretrain(model, tokenizer, texts, steps=150 if size == "tiny" else 120, threads=None)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from tasks import env
 from tasks.errors import ConfigError  # noqa: F401 - re-exported: callers catch config.ConfigError
 
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "include" / "config" / "default.yaml"
@@ -43,6 +44,14 @@ class StorageConfig:
     raw_prefix: str = opt("raw/", "Prefix inside the bucket that sync_raw_data mirrors the source into.")
     snapshot_prefix: str = opt("snapshots/", "Prefix for prepared ChatML snapshots (one folder per snapshot id).")
     runs_prefix: str = opt("runs/", "Prefix for per-run artifacts: resolved config, checkpoints, adapters.")
+    s3_max_attempts: int = opt(12, "botocore attempts per S3 request, the first included ('standard' retry mode).",
+                               minimum=1, maximum=100)
+    s3_retry_s: float = opt(120.0, "How long an S3 call is tried again while S3 is unreachable (refused, timed out, "
+                                   "502/503/504) before the step fails naming the object.", minimum=0.0)
+    db_pool_size: int = opt(2, "Pooled PostgreSQL connections of a step process (the chat service uses "
+                               "chat.db_pool_size).", minimum=1, maximum=100)
+    db_retry_s: float = opt(120.0, "How long a database transaction is run again while PostgreSQL is unreachable "
+                                   "or drops the connection.", minimum=0.0)
 
 
 @dataclass
@@ -185,6 +194,11 @@ class PipelineConfig:
                        minimum=0, maximum=10)
     retry_delay_s: int = opt(30, "First retry delay in seconds (doubles each retry).", minimum=1)
     step_timeout_s: int = opt(6 * 3600, "A step command running longer than this is killed.", minimum=10)
+    log_level: str = opt("INFO", "Log level of the step commands and the chat service.",
+                         choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
+    log_timestamps: bool = opt(True, "Start each step log line with a timestamp (false under Airflow, whose task log "
+                                     "stamps every line); the chat service always stamps its own log.")
+    mlflow_experiment: str = opt("ecommerce-chatbot", "MLflow experiment the steps log their runs to.")
 
 
 @dataclass
@@ -192,7 +206,10 @@ class ChatConfig:
     model_uri: str = opt("", "Model the chat service serves: '' = the registry's champion of release.registered_model, "
                              "or models:/name@alias, models:/name/version, or a local Hugging Face model folder.")
     host: str = opt("127.0.0.1", "Interface the chat service binds to in local mode.")
-    port: int = opt(8000, "Port of the chat service in local mode ($ECB_CHAT_PORT wins).", minimum=1, maximum=65535)
+    port: int = opt(8000, "Port of the chat service in local mode (the dev stack sets the one it chose through an "
+                          "override file in its state folder).", minimum=1, maximum=65535)
+    db_pool_size: int = opt(8, "Pooled PostgreSQL connections of the chat service (its request threads share them).",
+                            minimum=1, maximum=200)
     max_message_chars: int = opt(2000, "Longest accepted user message (longer -> HTTP 413).", minimum=1)
     max_new_tokens: int = opt(160, "Tokens generated per reply (greedy).", minimum=1, maximum=4096)
     context_tokens: int = opt(0, "Prompt + reply token budget (0 = the model's max_position_embeddings); the "
@@ -223,6 +240,8 @@ class ExecutionConfig:
     image_pull_policy: str = opt("IfNotPresent", "When to pull the step image (docker: Always = pull before each "
                                                  "step).", choices=("Always", "IfNotPresent", "Never"))
     gpus_per_step: int = opt(1, "GPUs requested by each GPU step in docker/kubernetes mode.", minimum=0, maximum=16)
+    gpu_pool_slots: int = opt(1, "Slots of Airflow's 'gpu' pool, one per GPU, set by `ecb stack up` (docker-compose "
+                                 "sets the pool from $ECB_GPU_POOL_SLOTS in docker/init.sh).", minimum=1, maximum=1024)
     step_gpus: dict = opt({}, "GPUs of named GPU steps, overriding gpus_per_step (e.g. {finetune: 2}); a step takes "
                               "one slot of the 'gpu' pool per GPU.")
     docker_url: str = opt("unix://var/run/docker.sock", "Docker Engine that runs the step containers (docker mode).")
@@ -345,18 +364,30 @@ def parse_override(text: str) -> tuple[str, Any]:
     return name.strip(), yaml.safe_load(raw) if raw.strip() else ""
 
 
+def config_paths(path: str | os.PathLike | None = None) -> list[Path]:
+    """The YAML files of a config: ``path`` or ``$ECB_CONFIG`` or include/config/default.yaml; several joined by
+    ':' are read in order, later ones overriding earlier ones (the dev stack adds its own file last)."""
+    raw = str(path or env.get("ECB_CONFIG") or DEFAULT_CONFIG_PATH)
+    return [Path(p) for p in raw.split(os.pathsep) if p.strip()]
+
+
+def _apply_file(cfg: Config, path: Path) -> None:
+    if not path.exists():
+        if path != DEFAULT_CONFIG_PATH:
+            raise ConfigError(f"config file {path} does not exist")
+        return
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for name, value in _flatten(tree).items():
+        _apply(cfg, name, value)
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> Config:
-    """Defaults <- YAML file (``ECB_CONFIG`` or include/config/default.yaml) <- overrides."""
+    """Defaults <- YAML file(s) (``path``, ``ECB_CONFIG`` or include/config/default.yaml) <- overrides."""
     cfg = Config()
-    path = Path(path or os.environ.get("ECB_CONFIG") or DEFAULT_CONFIG_PATH)
-    if path.exists():
-        tree = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
-        for name, value in _flatten(tree).items():
-            _apply(cfg, name, value)
-    elif path != DEFAULT_CONFIG_PATH:
-        raise ConfigError(f"config file {path} does not exist")
+    for p in config_paths(path):
+        _apply_file(cfg, p)
     items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
     for name, value in items:
         _apply(cfg, name, value)

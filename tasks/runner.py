@@ -10,11 +10,10 @@ import argparse
 import importlib
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
-from tasks.config import load_config
+from tasks.config import Config, PipelineConfig, load_config
 from tasks.context import StepContext
 from tasks.errors import ConfigError, StepError
 
@@ -30,7 +29,7 @@ log = logging.getLogger("tasks")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tasks", description="Run one platform step.")
     p.add_argument("step", choices=sorted(STEPS))
-    p.add_argument("--run-id", default=os.environ.get("ECB_RUN_ID", "manual"), help="Pipeline run id (DAG run id).")
+    p.add_argument("--run-id", default="manual", help="Pipeline run id (DAG run id).")
     p.add_argument("--config", default=None, help="YAML config file (default: $ECB_CONFIG or include/config).")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     p.add_argument("--input", dest="inputs", action="append", default=[], metavar="KEY=VALUE",
@@ -47,17 +46,37 @@ def emit_manifest(manifest: dict) -> None:
     sys.stdout.flush()
 
 
-def main(argv: list[str] | None = None) -> int:
-    # Under Airflow the task log adds its own timestamps (ECB_LOG_TIMESTAMPS=0), on a terminal we add ours.
-    stamp = "%(asctime)s " if os.environ.get("ECB_LOG_TIMESTAMPS", "1") == "1" else ""
-    logging.basicConfig(level=os.environ.get("ECB_LOG_LEVEL", "INFO"), stream=sys.stderr,
+def setup_logging(pipeline: PipelineConfig) -> None:
+    # Under Airflow the task log adds its own timestamps (--set pipeline.log_timestamps=false), on a terminal we
+    # add ours. force: main() may run more than once in a process (tests), each time with its own settings.
+    stamp = "%(asctime)s " if pipeline.log_timestamps else ""
+    logging.basicConfig(level=pipeline.log_level, stream=sys.stderr, force=True,
                         format=stamp + "%(levelname)s %(name)s: %(message)s")
     logging.getLogger("botocore").setLevel(logging.WARNING)
+
+
+def configure_io(cfg: Config) -> None:
+    """The S3, database and MLflow helpers are called without a config: give them this run's settings once."""
+    from tasks.io import db, s3, tracking
+
+    s3.configure(cfg.storage)
+    db.configure(pool_size=cfg.storage.db_pool_size, retry_s=cfg.storage.db_retry_s)
+    tracking.configure(cfg.pipeline.mlflow_experiment)
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        setup_logging(PipelineConfig())  # the config could not say how to log
+        log.error("step %s failed: %s", args.step, exc)
+        return 2
+    setup_logging(cfg.pipeline)
+    configure_io(cfg)
+    try:
         inputs = dict(kv.split("=", 1) for kv in args.inputs)
-        ctx = StepContext(args.step, args.run_id, load_config(args.config, args.overrides), args.overrides, inputs,
-                          args.config)
+        ctx = StepContext(args.step, args.run_id, cfg, args.overrides, inputs, args.config)
         manifest = importlib.import_module(f"tasks.steps.{args.step}").run(ctx)
     except (StepError, ConfigError) as exc:
         log.error("step %s failed: %s", args.step, exc)

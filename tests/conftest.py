@@ -1,8 +1,10 @@
 """Shared fixtures: real services started by the project itself, on free loopback ports.
 
-The stack's environment (URLs, generated credentials, Airflow settings) is put into os.environ before anything
-imports airflow, because Airflow reads its configuration at import time. Servers start lazily: unit tests that
-need none start none. Set ECB_TEST_KEEP_STACK=1 to leave them running between local test sessions.
+The stack's environment (URLs, generated credentials, Airflow settings) is put into os.environ by
+``pytest_configure``, at session start and before collection: test modules import airflow, which reads its
+configuration at import time, and some read SETTINGS at import. Importing this module does nothing else. Servers
+start lazily in session fixtures: unit tests that need none start none. Set ECB_TEST_KEEP_STACK=1 to leave them
+running between local test sessions.
 """
 
 from __future__ import annotations
@@ -16,23 +18,26 @@ from pathlib import Path
 
 import pytest
 
+from tasks.devstack import stack
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "bitext_customer_support_sample.csv"
+SETTINGS: dict = {}  # the test stack's ports and generated secrets, filled in place by pytest_configure
 
-os.environ["ECB_STATE_DIR"] = os.environ.get("ECB_TEST_STATE_DIR") or str(REPO / ".ecb-test")
-os.environ["AIRFLOW_HOME"] = str(REPO)
-os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
-os.environ["ECB_CONFIG"] = str(REPO / "tests" / "ecb_test_config.yaml")
-os.environ["ECB_MODEL_CACHE"] = str(Path(os.environ["ECB_STATE_DIR"]) / "model-cache")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network here: never wait on the Hub
-sys.path[:0] = [str(REPO), str(REPO / "plugins")]
 
-from tasks.devstack import stack  # noqa: E402
-
-SETTINGS = stack.init_settings(airflow_port=stack.free_port())
-os.environ.update(stack.stack_env(SETTINGS))
-os.environ["ECB_CHAT_PORT"] = str(stack.free_port())  # never the demo's 8000: a demo stack may be running
-os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "plugins"), os.environ.get("PYTHONPATH", "")])
+def pytest_configure(config) -> None:
+    state = os.environ.get("ECB_TEST_STATE_DIR") or str(REPO / ".ecb-test")
+    os.environ.update({"ECB_STATE_DIR": state, "AIRFLOW_HOME": str(REPO),
+                       "ECB_CONFIG": str(REPO / "tests" / "ecb_test_config.yaml"),
+                       "ECB_MODEL_CACHE": str(Path(state) / "model-cache")})
+    os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network here: never wait on the Hub
+    sys.path[:0] = [str(REPO), str(REPO / "plugins")]
+    # A fresh chat port each session, never the demo's 8000 (a demo stack may be running); the stack hands it to the
+    # steps through its config file (stack-config.yaml, last in ECB_CONFIG).
+    SETTINGS.update(stack.init_settings(airflow_port=stack.free_port(), chat_port=stack.free_port()))
+    os.environ.update(stack.stack_env(SETTINGS))
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "plugins"), os.environ.get("PYTHONPATH", "")])
 
 
 def _keep() -> bool:

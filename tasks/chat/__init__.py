@@ -11,7 +11,6 @@ request, while gunicorn's threads only stream. The model is loaded by the factor
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 
@@ -77,12 +76,16 @@ def create_app(config=None, *, loader=None, wait_for_model: bool = False) -> Fla
     """Build the app. ``config`` is a Config, a YAML path or None ($ECB_CONFIG); ``loader(cfg, uri)`` loads a model
     (default: tasks.chat.models.load); ``wait_for_model`` loads before returning (tests, scripts)."""
     from tasks.config import Config, load_config
+    from tasks.io import db, s3
 
     cfg = config if isinstance(config, Config) else load_config(config)
     if loader is None:
         from tasks.chat.models import load as loader
-    logging.basicConfig(level=os.environ.get("ECB_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Always timestamped: the service writes its own log file, nothing stamps the lines for it.
+    logging.basicConfig(level=cfg.pipeline.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The request threads share the database pool, so the service has its own size.
+    db.configure(pool_size=cfg.chat.db_pool_size, retry_s=cfg.storage.db_retry_s)
+    s3.configure(cfg.storage)
     app = Flask(__name__)
     app.config.update(ECB=cfg, MAX_CONTENT_LENGTH=max(64 * 1024, cfg.chat.max_message_chars * 8),
                       JSON_SORT_KEYS=False)

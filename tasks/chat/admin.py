@@ -1,14 +1,14 @@
-"""Admin endpoints: hot reload of the serving model. Bearer token from $ECB_CHAT_ADMIN_TOKEN, compared in
-constant time; without a configured token every admin call is refused."""
+"""Admin endpoints: hot reload of the serving model. Bearer token from $ECB_CHAT_ADMIN_TOKEN (read per request),
+compared in constant time; without a configured token every admin call is refused."""
 
 from __future__ import annotations
 
 import hmac
 import logging
-import os
 
 from flask import Blueprint, current_app, jsonify, request
 
+from tasks import env
 from tasks.chat.api import ApiError
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
@@ -16,7 +16,7 @@ log = logging.getLogger("tasks.chat.admin")
 
 
 def require_admin() -> None:
-    expected = os.environ.get("ECB_CHAT_ADMIN_TOKEN", "")
+    expected = env.get("ECB_CHAT_ADMIN_TOKEN")
     given = request.headers.get("Authorization", "")
     scheme, _, token = given.partition(" ")
     if not expected or scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected.encode()):

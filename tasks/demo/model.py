@@ -195,18 +195,19 @@ def _lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 
 def pretrain(model, tokenizer, texts, *, steps: int = 120, batch_size: int = 8, seq_len: int = 128,
              learning_rate: float = 3e-3, warmup_steps: int = 12, seed: int = 0,
-             max_seconds: float | None = None, log_every_s: float = 10.0) -> dict:
+             max_seconds: float | None = None, log_every_s: float = 10.0, threads: int | None = 2) -> dict:
     """Full-parameter causal-LM training on packed plain ``texts`` (CPU, fp32, seeded, fixed step count).
 
     ``max_seconds`` is a safety stop only: when it triggers the result is no longer a function of the inputs.
-    Uses 2 threads unless OMP_NUM_THREADS is set (same numerics on any machine; the previous count is restored).
+    Uses ``threads`` CPU threads (at most the cores; 2 gives the same numerics on any machine; None keeps the
+    process's count, e.g. a benchmark's choice); the previous count is restored.
     Returns steps, first/final loss (final = mean of the last 10% of steps), seconds, tokens and tokens/s.
     """
     import torch
 
     prev_threads = torch.get_num_threads()
-    if not os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if threads is not None:
+        torch.set_num_threads(min(threads, os.cpu_count() or 1))
     try:
         torch.manual_seed(seed)
         blocks = _packed_blocks(tokenizer, texts, seq_len, seed)

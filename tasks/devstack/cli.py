@@ -2,7 +2,8 @@
 
     ecb stack up | down | status | wipe     manage the embedded local stack (see tasks/stack.py)
     ecb demo                                stack up, upload demo data, run the training DAG through the scheduler
-    ecb config                              every config field with its default and help text
+    ecb config [--env]                      every config field with its default and help text; --env: the
+                                            environment variables the steps read (secrets, endpoints, paths)
     ecb shell-env                           print `export ...` lines for the stack's URLs and credentials
 """
 
@@ -10,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 
-from tasks.config import Config, iter_fields, load_config
+from tasks import env
+from tasks.config import Config, ConfigError, iter_fields, load_config
 from tasks.devstack import stack
 
 DAG_ID = "ecommerce_chatbot_training"
@@ -111,7 +112,7 @@ def cmd_demo(args) -> int:
     # Data first, Airflow second: an unpaused nightly DAG may start a run as soon as the scheduler is up.
     stack.up(airflow=False)
     s = stack.load_settings()
-    os.environ.update(stack.stack_env(s))  # this process now talks to the stack and reads the demo config
+    env.export(stack.stack_env(s))  # this process now talks to the stack and reads the demo config
     up = upload_demo_data(s, args.rows, args.seed)
     print(f"demo data: {up['rows']} rows ({up['bytes']} bytes) at {up['uri']}", flush=True)
     base = build_demo_base_model(s)
@@ -142,15 +143,28 @@ def ensure_chat_service(s: dict) -> int:
         pass
     print(f"chat service not running at {url}: deploying the registry's champion", flush=True)
     r = subprocess.run([sys.executable, "-m", "tasks", "deploy_chat_service", "--run-id", "demo-redeploy"],
-                       env={**os.environ, **stack.stack_env(s)}, cwd=stack.REPO)
+                       env=env.child(stack.stack_env(s)), cwd=stack.REPO)
     return r.returncode
 
 
 def cmd_config(args) -> int:
+    if args.env:
+        return print_env()
     defaults = Config()
     for name, f, _ in iter_fields():
         section, attr = name.split(".")
         print(f"{name} = {getattr(getattr(defaults, section), attr)!r}\n    {f.metadata['help']}")
+    return 0
+
+
+def print_env() -> int:
+    """The registry of tasks/env.py: name, kind, whether it is set here (a secret's value is never shown), help."""
+    for kind, meaning in env.KINDS.items():
+        print(f"# {kind}: {meaning}")
+    for name, var in env.VARS.items():
+        value = env.get(name)
+        state = ("set" if value else "unset") if var.kind == env.SECRET else (repr(value) if value else "unset")
+        print(f"{name} [{var.kind}] {state}\n    {var.help}")
     return 0
 
 
@@ -175,12 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--force-retrain", action="store_true")
     demo.add_argument("--timeout", type=float, default=1800)
     demo.set_defaults(func=cmd_demo)
-    sub.add_parser("config", help="list config fields").set_defaults(func=cmd_config)
+    conf = sub.add_parser("config", help="list config fields (--env: environment variables)")
+    conf.add_argument("--env", action="store_true", help="list the environment variables the steps read instead")
+    conf.set_defaults(func=cmd_config)
     sub.add_parser("shell-env", help="print the stack environment").set_defaults(func=cmd_shell_env)
     args = p.parse_args(argv)
     try:
         return args.func(args)
-    except stack.StackError as exc:
+    except (stack.StackError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

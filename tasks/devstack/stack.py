@@ -6,8 +6,10 @@
 
 External services win when configured: ECB_POSTGRES_URL (a server URL without database name; the four databases
 are created there) and ECB_S3_ENDPOINT_URL / AWS credentials (or ECB_USE_AWS=1 for real AWS). Everything else
-lives in the state folder ($ECB_STATE_DIR, default <repo>/.ecb): data, logs, pid files, and ``stack.env`` with
-the URLs and generated secrets (mode 0600, never committed). Processes run detached, so they outlive this command.
+lives in the state folder ($ECB_STATE_DIR, default <repo>/.ecb): data, logs, pid files, ``stack.env`` with
+the URLs and generated secrets (mode 0600, never committed) and ``stack-config.yaml``, the config fields the stack
+decides (the chat port), read after the config file(s) of ECB_CONFIG. Processes run detached, so they outlive this
+command.
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from tasks import env
+from tasks.config import Config, load_config
 from tasks.io.procs import REPO, Proc, state_dir
 from tasks.release.deploy import CHAT
 
 DATABASES = ("airflow", "mlflow", "optuna", "platform")
 BUCKETS = ("ecb-platform", "ecb-landing", "ecb-mlflow")
 BIN = Path(sys.executable).parent
+DEMO_CONFIG = REPO / "include" / "config" / "demo.yaml"
 
 
 class StackError(RuntimeError):
@@ -97,19 +102,23 @@ def save_settings(settings: dict) -> None:
         env_path = d / "stack.env"
         env_path.write_text("".join(f"export {k}='{v}'\n" for k, v in sorted(stack_env(settings).items())))
         env_path.chmod(0o600)
+        stack_config_file().write_text("# Written by `ecb stack up`: config fields the stack decides, read after the "
+                                       "file(s) in ECB_CONFIG.\n" + json.dumps(stack_overrides(settings)) + "\n")
     except OSError as exc:  # the first write of every command: say which folder, not a bare traceback
         raise StackError(f"state folder {d} is not writable ({exc.strerror}: {exc.filename}); make it writable "
                          "or point ECB_STATE_DIR at a writable folder") from exc
 
 
-def init_settings(airflow_port: int | None = None) -> dict:
+def init_settings(airflow_port: int | None = None, chat_port: int | None = None) -> dict:
+    """Load the persisted settings and add what is missing (free ports, new secrets); ``chat_port`` replaces the
+    stored chat port (tests: never the demo's 8000)."""
     s = load_settings()
-    if os.environ.get("ECB_STACK_MANAGED") != "1":
+    if env.get("ECB_STACK_MANAGED") != "1":
         # A person's shell decides what is external; processes the stack started inherit its exported URLs
         # (ECB_STACK_MANAGED=1) and must not mistake those for external services.
-        s["external_pg"] = os.environ.get("ECB_POSTGRES_URL") or None
-        s["external_s3"] = "aws" if os.environ.get("ECB_USE_AWS") == "1" else os.environ.get("ECB_S3_ENDPOINT_URL")
-        s["config"] = os.environ.get("ECB_CONFIG") or None
+        s["external_pg"] = env.get("ECB_POSTGRES_URL") or None
+        s["external_s3"] = "aws" if env.get("ECB_USE_AWS") == "1" else env.get("ECB_S3_ENDPOINT_URL") or None
+        s["config"] = env.get("ECB_CONFIG") or None
     s.setdefault("pg_port", free_port())
     s.setdefault("pg_password", secrets.token_urlsafe(18))
     for key in ("s3_port", "master_port", "volume_port", "filer_port"):
@@ -117,14 +126,48 @@ def init_settings(airflow_port: int | None = None) -> dict:
     s.setdefault("s3_access_key", "ecb" + secrets.token_hex(8))
     s.setdefault("s3_secret_key", secrets.token_urlsafe(24))
     s.setdefault("mlflow_port", free_port())
-    s.setdefault("airflow_port", airflow_port or int(os.environ.get("ECB_AIRFLOW_PORT", "8080")))
+    s.setdefault("airflow_port", airflow_port or int(env.get("ECB_AIRFLOW_PORT", "8080")))
     s.setdefault("jwt_secret", secrets.token_urlsafe(64))
     s.setdefault("fernet_key", _fernet_key())
     s.setdefault("chat_admin_token", secrets.token_urlsafe(24))
-    # The chat service's port: 8000 for the demo when it is free, any free port otherwise (tests, a second stack).
-    s.setdefault("chat_port", int(os.environ.get("ECB_CHAT_PORT") or (8000 if port_free(8000) else free_port())))
+    if chat_port:
+        s["chat_port"] = chat_port
+    if "chat_port" not in s:
+        # The config's chat.port (8000) when it is free, any free port otherwise (a second stack); stack-config.yaml
+        # hands the choice to the service.
+        wanted = load_config(base_config(s)).chat.port
+        s["chat_port"] = wanted if port_free(wanted) else free_port()
     save_settings(s)
     return s
+
+
+def base_config(s: dict) -> str:
+    """The config file(s) the person chose, else the demo settings."""
+    return s.get("config") or str(DEMO_CONFIG)
+
+
+def stack_config_file() -> Path:
+    return state_dir() / "stack-config.yaml"
+
+
+def stack_overrides(s: dict) -> dict:
+    """Config fields the stack decides, written to stack-config.yaml."""
+    return {"chat": {"port": s["chat_port"]}}
+
+
+def stack_config(s: dict) -> Config:
+    """The config every process of the stack reads."""
+    return load_config(stack_env(s)["ECB_CONFIG"])
+
+
+def configure_io(s: dict) -> Config:
+    """This process's S3 and database helpers use the stack config's retry budgets and pool size."""
+    from tasks.io import db, s3
+
+    cfg = stack_config(s)
+    s3.configure(cfg.storage)
+    db.configure(pool_size=cfg.storage.db_pool_size, retry_s=cfg.storage.db_retry_s)
+    return cfg
 
 
 def _fernet_key() -> str:
@@ -150,10 +193,10 @@ def s3_endpoint(s: dict) -> str | None:
 def stack_env(s: dict) -> dict:
     """The environment every platform process gets: URLs, credentials and Airflow settings."""
     external_s3 = bool(s.get("external_s3"))
-    key = os.environ.get("AWS_ACCESS_KEY_ID") if external_s3 else s["s3_access_key"]
-    secret = os.environ.get("AWS_SECRET_ACCESS_KEY") if external_s3 else s["s3_secret_key"]
+    key = (env.get("AWS_ACCESS_KEY_ID") or None) if external_s3 else s["s3_access_key"]
+    secret = (env.get("AWS_SECRET_ACCESS_KEY") or None) if external_s3 else s["s3_secret_key"]
     endpoint = s3_endpoint(s) or ""
-    region = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+    region = env.get("AWS_DEFAULT_REGION", "us-east-1")
     af_db = db_url(s, "airflow").replace("postgresql://", "postgresql+psycopg2://", 1)
     aws_conn = {"conn_type": "aws", "login": key, "password": secret,
                 "extra": {"region_name": region, **({"endpoint_url": endpoint} if endpoint else {})}}
@@ -161,7 +204,7 @@ def stack_env(s: dict) -> dict:
     results_conn = {"conn_type": "postgres", "host": pg.hostname, "port": pg.port or 5432, "login": pg.username,
                     "password": pg.password or "", "schema": "platform"}
     mlflow_uri = f"http://127.0.0.1:{s['mlflow_port']}"
-    env = {
+    return {
         "ECB_STATE_DIR": str(state_dir()),
         "ECB_STACK_MANAGED": "1",
         "ECB_S3_ENDPOINT_URL": endpoint,
@@ -186,20 +229,17 @@ def stack_env(s: dict) -> dict:
         "AIRFLOW_CONN_ECB_RESULTS": json.dumps(results_conn),
         "AIRFLOW_CONN_MLFLOW_DEFAULT": json.dumps({"conn_type": "http", "host": mlflow_uri}),
         "ECB_CHAT_ADMIN_TOKEN": s["chat_admin_token"],
-        "ECB_CHAT_PORT": str(s["chat_port"]),
         "ECB_MODEL_CACHE": str(state_dir() / "model-cache"),
-        # The local stack runs the demo settings unless the person chose a config file.
-        "ECB_CONFIG": s.get("config") or str(REPO / "include" / "config" / "demo.yaml"),
+        # The demo settings unless the person chose a config file, then what the stack decides (the chat port).
+        "ECB_CONFIG": os.pathsep.join([base_config(s), str(stack_config_file())]),
     }
-    return env
 
 
 def process_env(s: dict) -> dict:
-    env = dict(os.environ)
-    env.update(stack_env(s))
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}".rstrip(os.pathsep)
-    return env
+    e = env.child(stack_env(s))
+    e["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH')}"
+    e["PYTHONPATH"] = f"{REPO}{os.pathsep}{env.get('PYTHONPATH')}".rstrip(os.pathsep)
+    return e
 
 
 # --- PostgreSQL ------------------------------------------------------------------------------------------
@@ -328,9 +368,7 @@ def s3_up(s: dict) -> str:
 
 
 def _buckets(s: dict) -> bool:
-    env = stack_env(s)
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    previous = env.export(stack_env(s))  # the S3 helpers read endpoint and credentials from the environment
     try:
         from tasks.io import s3
 
@@ -338,11 +376,7 @@ def _buckets(s: dict) -> bool:
             s3.ensure_bucket(b)
         return True
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        env.export(previous)
 
 
 # --- MLflow tracking server -------------------------------------------------------------------------------
@@ -376,8 +410,8 @@ def airflow_migrate(s: dict) -> None:
     if r.returncode:
         raise StackError(f"airflow db migrate failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
     # GPU steps take a slot from this pool so HPO fan-out never oversubscribes the device(s).
-    slots = os.environ.get("ECB_GPU_POOL_SLOTS", "1")
-    airflow_cli(s, "pools", "set", "gpu", slots, "Slots for GPU steps (one per device)")
+    slots = stack_config(s).execution.gpu_pool_slots
+    airflow_cli(s, "pools", "set", "gpu", str(slots), "Slots for GPU steps (one per device)")
 
 
 def airflow_up(s: dict) -> str:
@@ -398,10 +432,11 @@ def airflow_up(s: dict) -> str:
 
 def up(airflow: bool = True, mlflow: bool = True) -> dict:
     s = init_settings()
+    configure_io(s)
     urls = {"postgres": postgres_up(s), "s3": s3_up(s)}
     from tasks.io import db
 
-    os.environ.update({k: v for k, v in stack_env(s).items() if k == "ECB_RESULTS_DB_URL"})
+    env.export({"ECB_RESULTS_DB_URL": db_url(s, "platform")})
     db.migrate(db_url(s, "platform"))
     if mlflow:
         urls["mlflow"] = mlflow_up(s)

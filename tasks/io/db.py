@@ -7,12 +7,15 @@ Connections use pool_pre_ping so a step survives a PostgreSQL restart between st
 restarted, connection cut): the server rolled the first attempt back, so nothing is lost or written twice.
 
     db.transaction(lambda conn: db.upsert(conn, table, row, keys=("run_id",)), what="record the run")
+
+Pool size and retry budget are config fields, set once per process with ``configure(pool_size, retry_s)``: the step
+runner passes storage.db_pool_size and storage.db_retry_s, the chat app chat.db_pool_size; without a call the
+StorageConfig defaults apply.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -24,33 +27,38 @@ from sqlalchemy import create_engine
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Engine
 
+from tasks import env
+from tasks.config import StorageConfig
+
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 log = logging.getLogger("tasks.io.db")
 T = TypeVar("T")
+_settings = {"pool_size": StorageConfig().db_pool_size, "retry_s": StorageConfig().db_retry_s}
+
+
+def configure(pool_size: int, retry_s: float) -> None:
+    """Use this pool size for engines created from now on and this retry budget for transactions."""
+    _settings.update(pool_size=pool_size, retry_s=retry_s)
 
 
 def results_url() -> str:
-    url = os.environ.get("ECB_RESULTS_DB_URL")
-    if not url:
-        raise RuntimeError("ECB_RESULTS_DB_URL is not set: point it at the platform database "
-                           "(`ecb stack up` writes it to .ecb/stack.env)")
-    return url
+    return env.require("ECB_RESULTS_DB_URL", "point it at the platform database (`ecb stack up` writes it to "
+                                             ".ecb/stack.env)")
 
 
 @lru_cache(maxsize=4)
-def _engine(url: str) -> Engine:
+def _engine(url: str, pool_size: int) -> Engine:
     return create_engine(url.replace("postgresql://", "postgresql+psycopg2://", 1), pool_pre_ping=True,
-                         pool_size=int(os.environ.get("ECB_DB_POOL_SIZE", "2")), max_overflow=2,
-                         connect_args={"connect_timeout": 10})
+                         pool_size=pool_size, max_overflow=2, connect_args={"connect_timeout": 10})
 
 
 def engine() -> Engine:
-    return _engine(results_url())
+    return _engine(results_url(), _settings["pool_size"])
 
 
 def retry_seconds() -> float:
-    """How long a transaction keeps retrying while PostgreSQL is unreachable (ECB_DB_RETRY_S, default 120)."""
-    return float(os.environ.get("ECB_DB_RETRY_S", "120"))
+    """How long a transaction keeps retrying while PostgreSQL is unreachable (storage.db_retry_s)."""
+    return _settings["retry_s"]
 
 
 def _where(url: str) -> str:

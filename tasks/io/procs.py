@@ -10,11 +10,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks import env
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 def state_dir() -> Path:
-    return Path(os.environ.get("ECB_STATE_DIR") or REPO / ".ecb").resolve()
+    return Path(env.get("ECB_STATE_DIR") or REPO / ".ecb").resolve()
 
 
 @dataclass

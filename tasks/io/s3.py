@@ -1,14 +1,16 @@
 """Small S3 helpers over boto3 (SeaweedFS locally, AWS in production).
 
-Endpoint and credentials come from the environment only: ECB_S3_ENDPOINT_URL (unset = real AWS),
-AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_DEFAULT_REGION.
+Endpoint and credentials come from the environment only (tasks/env.py): ECB_S3_ENDPOINT_URL (unset = real AWS),
+AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_DEFAULT_REGION. The retry budgets are config fields
+(storage.s3_max_attempts, storage.s3_retry_s), set once per process by ``configure(cfg.storage)``: the step runner
+and the chat app call it; without a call the StorageConfig defaults apply.
 
 A nightly job should ride out a short S3 outage instead of failing the run, so there are two layers of retries:
 - botocore's "standard" mode retries each request on refused connections, timeouts and 5xx answers, with jittered
-  exponential backoff, ECB_S3_MAX_ATTEMPTS times in all (default 12). For non-throttling errors its backoff starts
+  exponential backoff, storage.s3_max_attempts times in all (default 12). For non-throttling errors its backoff starts
   at 50 ms, so those attempts span ~30 s on average -- too little, and too random, to promise anything;
 - so while S3 is *unreachable* (connection refused or cut, timeouts, 502/503/504) each helper below runs its call
-  again until S3 has been unreachable for ECB_S3_RETRY_S seconds (default 120). Every helper is safe to repeat: a
+  again until S3 has been unreachable for storage.s3_retry_s seconds (default 120). Every helper is safe to repeat: a
   put or copy writes the same object again, a read or listing starts over.
 tests/chaos/test_faults_services.py SIGKILLs the real SeaweedFS for 10 s (about 25 s unreachable with its restart)
 in the middle of sync_raw_data and prepare_chatml. Any other failure (no permission, no such bucket, a 500 that
@@ -19,13 +21,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Callable, Iterator
 from functools import lru_cache
 from typing import TypeVar
 
+from tasks import env
+from tasks.config import StorageConfig
 from tasks.errors import StepError
 
 _DENIED = ("AccessDenied", "403", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
@@ -36,18 +39,25 @@ _UNAVAILABLE = (502, 503, 504)
 
 log = logging.getLogger("tasks.s3")
 T = TypeVar("T")
+_settings = StorageConfig()  # this process's retry budgets: configure() replaces them
 
 
 class S3Error(StepError):
     """An S3 call failed after its retries; the message names the operation, the URI and the cause."""
 
 
+def configure(storage: StorageConfig) -> None:
+    """Use ``storage.s3_max_attempts`` and ``storage.s3_retry_s`` in this process from now on."""
+    global _settings
+    _settings = storage
+
+
 def max_attempts() -> int:
-    return int(os.environ.get("ECB_S3_MAX_ATTEMPTS", "12"))
+    return _settings.s3_max_attempts
 
 
 def retry_seconds() -> float:
-    return float(os.environ.get("ECB_S3_RETRY_S", "120"))
+    return _settings.s3_retry_s
 
 
 def _status(exc) -> int:
@@ -126,11 +136,11 @@ def join(*parts: str) -> str:
 
 
 @lru_cache(maxsize=4)
-def _client(endpoint: str | None, key_id: str | None, region: str):
+def _client(endpoint: str | None, key_id: str | None, region: str, attempts: int):
     import boto3
     from botocore.config import Config
 
-    cfg = Config(retries={"total_max_attempts": max_attempts(), "mode": "standard"},
+    cfg = Config(retries={"total_max_attempts": attempts, "mode": "standard"},
                  connect_timeout=5, read_timeout=60, s3={"addressing_style": "path"})
     c = boto3.client("s3", endpoint_url=endpoint, region_name=region, config=cfg)
     c.meta.events.register_first("needs-retry.s3", _log_failed_attempt)
@@ -152,8 +162,9 @@ def _log_failed_attempt(attempts=1, response=None, caught_exception=None, operat
 
 
 def client():
-    return _client(os.environ.get("ECB_S3_ENDPOINT_URL") or None, os.environ.get("AWS_ACCESS_KEY_ID"),
-                   os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    # the key id is part of the cache key only: boto3 reads the credentials from the environment itself
+    return _client(env.get("ECB_S3_ENDPOINT_URL") or None, env.get("AWS_ACCESS_KEY_ID") or None,
+                   env.get("AWS_DEFAULT_REGION", "us-east-1"), max_attempts())
 
 
 def ensure_bucket(name: str) -> bool:

@@ -1,21 +1,29 @@
 """MLflow helpers: one MLflow run per (pipeline run, step kind), found again on retry instead of duplicated.
 
 The tracking server comes from MLFLOW_TRACKING_URI. Without it, tracking is skipped with one log line, so a step
-can still be run by hand; in the pipeline the connection `mlflow_default` always sets it.
+can still be run by hand; in the pipeline the connection `mlflow_default` always sets it. The experiment is the config
+field pipeline.mlflow_experiment, set once per process by ``configure`` (the step runner calls it).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import contextmanager
 
+from tasks import env
+from tasks.config import PipelineConfig
+
 log = logging.getLogger("tasks.io.tracking")
-EXPERIMENT = os.environ.get("ECB_MLFLOW_EXPERIMENT", "ecommerce-chatbot")
+_settings = {"experiment": PipelineConfig().mlflow_experiment}
+
+
+def configure(experiment: str) -> None:
+    """Log this process's MLflow runs to ``experiment`` (pipeline.mlflow_experiment)."""
+    _settings["experiment"] = experiment
 
 
 def enabled() -> bool:
-    return bool(os.environ.get("MLFLOW_TRACKING_URI"))
+    return bool(env.get("MLFLOW_TRACKING_URI"))
 
 
 def flatten(cfg_dict: dict, prefix: str = "") -> dict[str, str]:
@@ -29,8 +37,9 @@ def flatten(cfg_dict: dict, prefix: str = "") -> dict[str, str]:
 
 
 def _experiment_id(client) -> str:
-    exp = client.get_experiment_by_name(EXPERIMENT)
-    return exp.experiment_id if exp else client.create_experiment(EXPERIMENT)
+    name = _settings["experiment"]
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp else client.create_experiment(name)
 
 
 def find_or_create_run(run_name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str | None:

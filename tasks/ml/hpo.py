@@ -9,12 +9,11 @@ study and the task still succeeds, so one bad trial never fails the DAG.
 from __future__ import annotations
 
 import logging
-import os
 import random
 
+from tasks import env
 from tasks.context import StepContext
 from tasks.data.snapshots import read_split
-from tasks.errors import StepError
 from tasks.io import s3, tracking
 
 log = logging.getLogger("tasks.ml.hpo")
@@ -27,9 +26,7 @@ SPACE = {"lora_r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.d
 def storage():
     import optuna
 
-    url = os.environ.get("ECB_OPTUNA_DB_URL")
-    if not url:
-        raise StepError("ECB_OPTUNA_DB_URL is not set: HPO needs the Postgres optuna database")
+    url = env.require("ECB_OPTUNA_DB_URL", "HPO needs the Postgres optuna database")
     return optuna.storages.RDBStorage(url=url, engine_kwargs={"pool_pre_ping": True})
 
 

@@ -25,6 +25,7 @@ import os
 import time
 from pathlib import Path
 
+from tasks import env
 from tasks.errors import StepError
 from tasks.io import s3
 
@@ -56,7 +57,7 @@ def _prefix_uri(uri: str) -> str:
 
 
 def cache_root(model_cfg=None) -> Path:
-    raw = (getattr(model_cfg, "cache_dir", "") or os.environ.get("ECB_MODEL_CACHE")
+    raw = (getattr(model_cfg, "cache_dir", "") or env.get("ECB_MODEL_CACHE")
            or str(Path.home() / ".cache" / "ecb" / "models"))
     return Path(raw).expanduser()
 
@@ -215,7 +216,7 @@ def sync_s3_model(uri: str, model_cfg=None) -> tuple[Path, dict]:
 # --------------------------------------------------------------------------------------------------- hub
 
 def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return env.get("HF_HUB_OFFLINE").lower() in ("1", "true", "yes", "on")
 
 
 def _from_hub(repo_id: str, revision: str | None) -> tuple[str | None, list[str]]:

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 import urllib.request
 
+from tasks import env
 from tasks.errors import StepError
 from tasks.io.procs import Proc, state_dir
 from tasks.release.registry import serving_uri
@@ -38,11 +38,8 @@ def served_model(url: str) -> dict | None:
 
 
 def admin_token() -> str:
-    token = os.environ.get("ECB_CHAT_ADMIN_TOKEN", "")
-    if not token:
-        raise StepError("ECB_CHAT_ADMIN_TOKEN is not set: the deploy step needs the chat service's admin token "
-                        "(the local stack writes one to .ecb/stack.env; set it as an environment variable otherwise)")
-    return token
+    return env.require("ECB_CHAT_ADMIN_TOKEN", "the deploy step needs the chat service's admin token (the local "
+                       "stack writes one to .ecb/stack.env; set it as an environment variable otherwise)")
 
 
 def gunicorn_argv(host: str, port: int, threads: int) -> list[str]:
@@ -60,7 +57,7 @@ def start_or_reload_local(cfg) -> str:
     registered model name reach it; a running service is told the model to load in the reload request."""
     import yaml
 
-    port = int(os.environ.get("ECB_CHAT_PORT") or cfg.chat.port)
+    port = cfg.chat.port
     url = f"http://{cfg.chat.host}:{port}"
     token = admin_token()
     if served_model(url) is not None:
@@ -73,10 +70,8 @@ def start_or_reload_local(cfg) -> str:
     config_file = state_dir() / "chat" / "config.yaml"
     config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    # Steps need 2 database connections; the service's request threads share more.
-    env = {**os.environ, "ECB_CHAT_ADMIN_TOKEN": token, "ECB_LOG_TIMESTAMPS": "1", "ECB_CONFIG": str(config_file),
-           "ECB_DB_POOL_SIZE": os.environ.get("ECB_DB_POOL_SIZE", "8")}
-    pid = CHAT.start(argv, env)
+    # The config file alone (not the step's layered ECB_CONFIG): the service runs exactly this run's settings.
+    pid = CHAT.start(argv, env.child({"ECB_CHAT_ADMIN_TOKEN": token, "ECB_CONFIG": str(config_file)}))
     log.info("started the chat service (gunicorn pid %d) on %s; log: %s", pid, url, CHAT.log)
     return url
 

@@ -13,11 +13,11 @@ existing commit. No file is sent that contains a token or key from the environme
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from tasks import env
 from tasks.errors import StepError
 from tasks.io import s3
 from tasks.release.card import model_card
@@ -25,9 +25,6 @@ from tasks.release.card import model_card
 log = logging.getLogger("tasks.release.hub")
 
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
-# Environment values that must never leave in a published file (besides the Hub token passed in).
-SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                   "ECB_CHAT_ADMIN_TOKEN", "AIRFLOW__CORE__FERNET_KEY", "AIRFLOW__API_AUTH__JWT_SECRET")
 MIN_SECRET_LEN = 6  # shorter values would match ordinary text; real tokens and keys are far longer
 SKIP_REASON = "no Hugging Face token configured (HF_TOKEN / connection huggingface_default): skipping the push"
 
@@ -39,10 +36,6 @@ def assert_no_secrets(text: str, secrets: Iterable[str | None], where: str = "te
     for secret in secrets:
         if secret and len(secret) >= MIN_SECRET_LEN and secret in text:
             raise ValueError(f"{where} contains a secret value (a token or key); refusing to publish it")
-
-
-def env_secrets() -> list[str]:
-    return [v for name in SECRET_ENV_VARS if (v := os.environ.get(name, "").strip())]
 
 
 def _read_files(adapter_dir: Path) -> dict[str, bytes]:
@@ -77,7 +70,7 @@ def push_release(adapter_dir: Path, repo_id: str, version: str, meta: dict, toke
     meta = {**meta, "repo_id": repo_id, "registry_version": version}
     files = _read_files(adapter_dir)
     files["README.md"] = model_card(meta).encode()
-    secrets = [token, *env_secrets()]
+    secrets = [token, *env.secret_values()]  # every secret of tasks/env.py that is set
     for name, data in sorted(files.items()):
         assert_no_secrets(data.decode("utf-8", errors="replace"), secrets, where=f"file {name} of release {tag}")
 
@@ -136,7 +129,7 @@ def download_adapter(adapter_uri: str, dest: Path) -> list[str]:
 
 def publish(adapter_uri: str, version: str, meta: dict, repo_id: str) -> dict:
     """Download the adapter from S3 and push it with its card as release ``v{version}`` (skipped without a token)."""
-    token = os.environ.get("HF_TOKEN", "").strip()
+    token = env.get("HF_TOKEN")
     if not token:
         log.info(SKIP_REASON)
         return {"status": "skipped", "reason": SKIP_REASON, "repo_id": repo_id, "registry_version": version}
@@ -144,7 +137,7 @@ def publish(adapter_uri: str, version: str, meta: dict, repo_id: str) -> dict:
         names = download_adapter(adapter_uri, Path(tmp))
         log.info("downloaded %d adapter files from %s", len(names), adapter_uri)
         try:
-            result = push_release(Path(tmp), repo_id, version, meta, token, os.environ.get("HF_ENDPOINT") or None)
+            result = push_release(Path(tmp), repo_id, version, meta, token, env.get("HF_ENDPOINT") or None)
         except ValueError as exc:
             raise StepError(str(exc)) from exc
     return {**result, "registry_version": version, "adapter_uri": adapter_uri}

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import tempfile
 from pathlib import Path
 
+from tasks import env
 from tasks.io import s3, tracking
 
 log = logging.getLogger("tasks.release.registry")
@@ -63,7 +63,7 @@ def git_commit() -> str:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                               cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("ECB_GIT_COMMIT", "unknown")
+        return env.get("ECB_GIT_COMMIT", "unknown")
 
 
 def version_of_run(client, name: str, run_id: str):

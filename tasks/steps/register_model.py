@@ -11,8 +11,8 @@ reachable for a rollback. Idempotent: a version tagged with the same run id is r
 from __future__ import annotations
 
 import logging
-import os
 
+from tasks import env
 from tasks.config import TRAINING_SECTIONS
 from tasks.context import StepContext
 from tasks.errors import StepError
@@ -36,7 +36,7 @@ def run(ctx: StepContext) -> dict:
     snapshot_id, mlflow_run = ctx.require_input("snapshot_id"), ctx.inputs.get("mlflow_run_id")
     from mlflow.exceptions import MlflowException
 
-    where, mv = f"model registry (MLflow at {os.environ.get('MLFLOW_TRACKING_URI')})", None
+    where, mv = f"model registry (MLflow at {env.get('MLFLOW_TRACKING_URI') or 'unset'})", None
     try:
         client = registry_client()
         previous = champion(name)

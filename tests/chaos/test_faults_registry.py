@@ -20,6 +20,7 @@ import time
 
 import pytest
 
+from tasks.config import load_config
 from tasks.devstack import stack
 from tests.chaos.faults_pipeline import StepProcess, kill_group, make_snapshot, wait_until
 from tests.conftest import SETTINGS, run_step, step_manifest
@@ -73,7 +74,7 @@ def test_registry_down_fails_closed_and_rerun_registers_once(mlflow_restored, ti
     assert client.get_model_version_by_alias(name, "champion").version == "1"
 
     # b. Killed mid-step: as soon as the step has created the candidate's logged model (the pyfunc upload follows).
-    exp = client.get_experiment_by_name(os.environ.get("ECB_MLFLOW_EXPERIMENT", "ecommerce-chatbot"))
+    exp = client.get_experiment_by_name(load_config().pipeline.mlflow_experiment)
     before = {m.model_id for m in client.search_logged_models([exp.experiment_id])}
     t0 = time.monotonic()
     proc = StepProcess("register_model", run_id, register_args(run_id), env=env)

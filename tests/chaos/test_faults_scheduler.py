@@ -17,7 +17,6 @@ recovery takes about a minute instead of five.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
+from tasks.config import load_config
 from tasks.demo import datagen
 from tasks.devstack import stack
 from tasks.io import db, s3, schema
@@ -311,7 +311,7 @@ def check_no_canary(engine, hub, run_id: str, name: str, repo_id: str) -> None:
 
     # MLflow: every run of this pipeline run (params, tags, metrics, all artifacts) and the registered versions.
     client = MlflowClient()
-    exp = client.get_experiment_by_name(os.environ.get("ECB_MLFLOW_EXPERIMENT", "ecommerce-chatbot"))
+    exp = client.get_experiment_by_name(load_config().pipeline.mlflow_experiment)
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`ecb.run_id` = '{run_id}'")
     assert runs, "no MLflow run tagged with the pipeline run"
     ml_texts = {f"mlflow run {r.info.run_id}": json.dumps({"params": r.data.params, "tags": r.data.tags,

@@ -259,7 +259,7 @@ def test_bucket_not_writable_fails_naming_it(services, uid):
     s3.ensure_bucket(bucket)
     weed_shell(f"fs.configure -locationPrefix=/buckets/{bucket}/ -readOnly -apply")
     try:
-        r = run_sync(f"ro2-{uid}", *common, "--set", f"storage.bucket={bucket}", env={"ECB_S3_MAX_ATTEMPTS": "3"})
+        r = run_sync(f"ro2-{uid}", *common, "--set", f"storage.bucket={bucket}", "--set", "storage.s3_max_attempts=3")
         errors.append(assert_clear_failure(r, f"s3://{bucket}/raw-rochaos-{uid}/a.csv", "InternalError 3 times",
                                            f"is bucket {bucket} read-only or full?"))
     finally:
@@ -291,11 +291,11 @@ def test_state_folder_not_writable_fails_naming_it(tmp_path):
 
 
 def test_s3_that_never_comes_back_fails_naming_the_object(uid):
-    """Nothing listening on the endpoint at all: the step retries for ECB_S3_RETRY_S, then names what it tried."""
+    """Nothing listening on the endpoint at all: the step retries for storage.s3_retry_s, then names what it tried."""
     port = stack.free_port()
-    env = {"ECB_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "ECB_S3_RETRY_S": "4", "ECB_S3_MAX_ATTEMPTS": "2"}
     t0 = time.monotonic()
-    r = run_sync(f"gone-{uid}", "--set", f"data.source=s3://ecb-landing/gone-{uid}/", env=env)
+    r = run_sync(f"gone-{uid}", "--set", f"data.source=s3://ecb-landing/gone-{uid}/", "--set", "storage.s3_retry_s=4",
+                 "--set", "storage.s3_max_attempts=2", env={"ECB_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"})
     took = time.monotonic() - t0
     line = assert_clear_failure(r, "cannot check bucket s3://ecb-platform", "S3 unreachable for", f"127.0.0.1:{port}")
     assert 4 <= took < 60, took

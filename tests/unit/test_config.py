@@ -57,3 +57,78 @@ def test_section_hash_changes_with_values():
     b.data.seed = 7
     assert a.section_hash("data") != b.section_hash("data")
     assert a.section_hash("storage") == b.section_hash("storage")
+
+
+# Behaviour that used to be ECB_* environment switches: typed fields with help text and bounds.
+FORMER_ENV_SWITCHES = {"storage.db_pool_size": 2, "chat.db_pool_size": 8, "storage.db_retry_s": 120.0,
+                       "storage.s3_max_attempts": 12, "storage.s3_retry_s": 120.0,
+                       "pipeline.mlflow_experiment": "ecommerce-chatbot", "pipeline.log_level": "INFO",
+                       "pipeline.log_timestamps": True, "chat.port": 8000, "execution.gpu_pool_slots": 1}
+
+
+def test_former_env_switches_are_config_fields():
+    defaults = Config()
+    fields = {name: f for name, f, _ in iter_fields()}
+    for name, default in FORMER_ENV_SWITCHES.items():
+        section, attr = name.split(".")
+        assert getattr(getattr(defaults, section), attr) == default, name
+        assert fields[name].metadata["help"], name
+
+
+@pytest.mark.parametrize("override, words", [
+    ("storage.s3_max_attempts=0", ["storage.s3_max_attempts", "below the minimum 1"]),
+    ("storage.db_retry_s=-1", ["storage.db_retry_s", "below the minimum 0"]),
+    ("pipeline.log_level=LOUD", ["pipeline.log_level", "not one of"]),
+    ("pipeline.log_timestamps=0", ["pipeline.log_timestamps", "expected bool"]),
+])
+def test_former_env_switches_are_checked(override, words):
+    with pytest.raises(ConfigError) as exc:
+        load_config(overrides=[override])
+    for w in words:
+        assert w in str(exc.value)
+
+
+def test_later_config_files_override_earlier_ones(tmp_path, monkeypatch):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("data:\n  max_rows: 50\n  seed: 3\n")
+    b.write_text("data:\n  max_rows: 60\n")
+    monkeypatch.setenv("ECB_CONFIG", f"{a}:{b}")
+    cfg = load_config()
+    assert (cfg.data.max_rows, cfg.data.seed) == (60, 3)
+    assert load_config(f"{b}:{a}").data.max_rows == 50
+    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
+        load_config(f"{a}:{tmp_path / 'missing.yaml'}")
+
+
+def test_yaml_files_list_only_real_overrides():
+    import yaml
+
+    from tasks.config import _flatten
+    from tests.conftest import REPO
+
+    defaults = Config()
+    for path in [*(REPO / "include" / "config").glob("*.yaml"), REPO / "tests" / "ecb_test_config.yaml"]:
+        for name, value in _flatten(yaml.safe_load(path.read_text()) or {}).items():
+            section, attr = name.split(".")
+            assert getattr(getattr(defaults, section), attr) != value, f"{path.name}: {name} repeats the default"
+
+
+def test_dev_stack_hands_the_chat_port_through_config():
+    from tests.conftest import SETTINGS
+
+    assert load_config().chat.port == SETTINGS["chat_port"] != 8000
+
+
+def test_ecb_config_lists_every_field_and_the_environment(capsys):
+    from tasks import env
+    from tasks.devstack import cli
+
+    assert cli.main(["config"]) == 0
+    out = capsys.readouterr().out
+    for name, _, _ in iter_fields():
+        assert f"\n{name} = " in f"\n{out}", name
+    assert cli.main(["config", "--env"]) == 0
+    out = capsys.readouterr().out
+    for name, var in env.VARS.items():
+        assert f"{name} [{var.kind}]" in out
+    assert env.get("AWS_SECRET_ACCESS_KEY") and env.get("AWS_SECRET_ACCESS_KEY") not in out  # secrets: set/unset only

@@ -1,14 +1,14 @@
 """Alembic environment for the platform results database (URL from ECB_RESULTS_DB_URL or the caller)."""
 
-import os
-
 from alembic import context
 from sqlalchemy import create_engine, pool
 
+from tasks import env as ecb_env  # this file is alembic's "env.py"; tasks.env is the environment registry
 from tasks.io.schema import metadata
 
 config = context.config
-url = config.get_main_option("sqlalchemy.url") or os.environ["ECB_RESULTS_DB_URL"]
+url = config.get_main_option("sqlalchemy.url") or ecb_env.require("ECB_RESULTS_DB_URL", "the migrations need the "
+                                                                                     "platform database")
 
 
 def run_migrations_offline() -> None:
