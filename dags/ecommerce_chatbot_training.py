@@ -7,12 +7,13 @@
 3. `data_or_params_changed` stops the run early when the snapshot and training config equal the released model's.
 4. `plan_hpo` -> `hpo_trial` (one mapped task per Optuna trial, `gpu` pool) -> `select_best` -> `finetune`
    (LoRA / QLoRA, resumable from S3 checkpoints).
-5. `evaluate` scores the candidate and the registry's champion on the same test split; `quality_gate` (read its
-   log for why a model was or was not released) branches to `register_model` -> `push_to_hub` ->
-   `deploy_chat_service` (starts or hot-reloads the chat service, smoke-tests it), or `skip_release`.
+5. `evaluate` scores the candidate and the registry's champion on the same test split; the `quality_gate` step
+   (read its log for why a model was or was not released) decides, and `release_or_skip` follows its decision to
+   `register_model` -> `push_to_hub` -> `deploy_chat_service` (starts or hot-reloads the chat service, smoke-tests
+   it), or to `skip_release`.
 
 Every step is `python -m tasks <step>` run by one step mechanism (`ecb_airflow.steps`); XCom carries only the
-small JSON manifests the steps print.
+small JSON manifests the steps print, and tasks read their fields as `step.output["key"]`.
 
 **Trigger with config** to override a run: `force_retrain` trains even when nothing changed; `force_deploy`
 releases whatever the gate says; `gate.min_improvement_threshold` sets the bar; `hpo.enabled` and
@@ -21,22 +22,25 @@ releases whatever the gate says; `gate.min_improvement_threshold` sets the bar; 
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime, timedelta
 
 from airflow.sdk import dag, task
 
-from ecb_airflow.gate import QualityGateOperator
+from ecb_airflow import decisions
 from ecb_airflow.params import dag_params
-from ecb_airflow.steps import from_step, mapped_step, step
+from ecb_airflow.steps import mapped_step, step
 from tasks.config import load_config
 
 CFG = load_config()  # parsed once per DAG-file parse; pure Python, no ML imports
+log = logging.getLogger("airflow.task")
 
 default_args = {
     "owner": "ml-platform",
-    "retries": max(CFG.pipeline.retries, 2),
+    "retries": CFG.pipeline.retries,
     "retry_delay": timedelta(seconds=CFG.pipeline.retry_delay_s),
     "retry_exponential_backoff": True,  # rides out short S3 / Postgres outages
+    "execution_timeout": timedelta(seconds=CFG.pipeline.step_timeout_s),
 }
 
 
@@ -52,70 +56,55 @@ default_args = {
     doc_md=__doc__,
 )
 def ecommerce_chatbot_training():
-    timeout = timedelta(seconds=CFG.pipeline.step_timeout_s)
-    snapshot = {"snapshot_uri": from_step("prepare_chatml", "snapshot_uri")}
-    sync = step("sync_raw_data", timeout=timeout)
-    prep = step("prepare_chatml", inputs={"raw_manifest": from_step("sync_raw_data", "manifest_uri")},
-                timeout=timeout)
+    sync = step("sync_raw_data")
+    prep = step("prepare_chatml", inputs={"raw_manifest": sync.output["manifest_uri"]})
 
     @task.short_circuit
     def data_or_params_changed(prep_manifest: dict, params: dict | None = None) -> bool:
         """Stop the nightly run early when it would retrain on exactly what the released model saw."""
-        import logging
-
-        log = logging.getLogger("airflow.task")
-        release = prep_manifest.get("last_release")
-        if params and params.get("force_retrain"):
-            log.info("Continuing: force_retrain is set (snapshot %s).", prep_manifest["snapshot_id"])
-            return True
-        if prep_manifest["unchanged_since_release"]:
-            log.info("Stopping early: snapshot %s and config hash %s equal those of release %s (run %s); "
-                     "set force_retrain to train anyway.", prep_manifest["snapshot_id"],
-                     prep_manifest["config_hash"], release["registry_version"], release["run_id"])
-            return False
-        log.info("Continuing: snapshot %s / config %s differ from the last release (%s).",
-                 prep_manifest["snapshot_id"], prep_manifest["config_hash"],
-                 f"snapshot {release['snapshot_id']}, config {release['config_hash']}" if release else "none yet")
-        return True
+        go, why = decisions.keep_training(prep_manifest, force_retrain=bool((params or {}).get("force_retrain")))
+        log.info("%s", why)
+        return go
 
     @task
     def trial_inputs(plan_manifest: dict, prep_manifest: dict) -> list[dict]:
         """One input dict per Optuna trial slot (empty when HPO is off: the mapped task is then skipped)."""
         return [{**slot, "snapshot_uri": prep_manifest["snapshot_uri"]} for slot in plan_manifest["slots"]]
 
-    changed = data_or_params_changed(prep.output)
-    plan = step("plan_hpo", timeout=timeout)
-    trials = mapped_step("hpo_trial", trial_inputs(plan.output, prep.output), gpu=True, timeout=timeout)
-    # all_done: failed or pruned trials (or none at all, with HPO off) must not block choosing the best.
-    best = step("select_best", inputs={"study": from_step("plan_hpo", "study")}, trigger_rule="all_done",
-                timeout=timeout)
-    tune = step("finetune", gpu=True, timeout=timeout,
-                inputs={**snapshot, "best_params": from_step("select_best", "best_params_json")})
-    tuned = {"adapter_uri": from_step("finetune", "adapter_uri"),
-             "mlflow_run_id": from_step("finetune", "mlflow_run_id")}
-    evaluate = step("evaluate", gpu=True, timeout=timeout, inputs={**snapshot, **tuned})
-    gate = QualityGateOperator(task_id="quality_gate",
-                               inputs={"evaluation": "{{ ti.xcom_pull(task_ids='evaluate') | tojson }}"})
-    register = step("register_model", timeout=timeout, inputs={
-        **tuned, "snapshot_id": from_step("prepare_chatml", "snapshot_id"),
-        "decision_id": "{{ ti.xcom_pull(task_ids='quality_gate', key='decision')['decision_id'] }}"})
-    version = {"registry_version": from_step("register_model", "version")}
-    push = step("push_to_hub", timeout=timeout, inputs={"adapter_uri": from_step("finetune", "adapter_uri"), **version})
-    # Runs after a push that was skipped for lack of a token too (that push succeeds), never after skip_release.
-    deploy = step("deploy_chat_service", timeout=timeout,
-                  inputs={**version, "snapshot_id": from_step("prepare_chatml", "snapshot_id")})
+    @task.branch
+    def release_or_skip(decision: dict) -> str:
+        """Follow the quality_gate step's decision: register_model or skip_release."""
+        branch, why = decisions.gate_branch(decision)
+        log.info("%s", why)
+        return branch
 
     @task
-    def skip_release(ti=None) -> None:
+    def skip_release(decision: dict) -> None:
         """The gate kept the champion; say so where people look first."""
-        import logging
+        log.info("No release: %s", decision["summary"])
 
-        decision = ti.xcom_pull(task_ids="quality_gate", key="decision")
-        logging.getLogger("airflow.task").info("No release: %s", decision["summary"])
+    changed = data_or_params_changed(prep.output)
+    plan = step("plan_hpo")
+    trials = mapped_step("hpo_trial", trial_inputs(plan.output, prep.output), gpu=True)
+    # all_done: failed or pruned trials (or none at all, with HPO off) must not block choosing the best.
+    best = step("select_best", inputs={"study": plan.output["study"]}, trigger_rule="all_done")
+    snapshot = {"snapshot_uri": prep.output["snapshot_uri"]}
+    tune = step("finetune", gpu=True, inputs={**snapshot, "best_params": best.output["best_params_json"]})
+    tuned = {"adapter_uri": tune.output["adapter_uri"], "mlflow_run_id": tune.output["mlflow_run_id"]}
+    evaluate = step("evaluate", gpu=True, inputs={**snapshot, **tuned})
+    # The whole evaluate manifest goes as JSON; force_deploy renders as true / false, as the step reads it.
+    gate = step("quality_gate", inputs={"evaluation": evaluate.output,
+                                        "force_deploy": "{{ params.force_deploy | lower }}"})
+    register = step("register_model", inputs={**tuned, "snapshot_id": prep.output["snapshot_id"],
+                                              "decision_id": gate.output["decision_id"]})
+    version = {"registry_version": register.output["version"]}
+    push = step("push_to_hub", inputs={"adapter_uri": tune.output["adapter_uri"], **version})
+    # Runs after a push that was skipped for lack of a token too (that push succeeds), never after skip_release.
+    deploy = step("deploy_chat_service", inputs={**version, "snapshot_id": prep.output["snapshot_id"]})
 
     sync >> prep >> changed >> plan >> trials >> best >> tune >> evaluate >> gate
-    gate >> register >> push >> deploy
-    gate >> skip_release()
+    release_or_skip(gate.output) >> [register, skip_release(gate.output)]
+    register >> push >> deploy
 
 
 ecommerce_chatbot_training()

@@ -7,8 +7,9 @@ import os
 from airflow.providers.docker.operators.docker import DockerOperator
 from docker.types import DeviceRequest, Mount
 
+from ecb_airflow.command import parse_manifest
 from ecb_airflow.execution import CACHE_DIR, ENTRYPOINT, STEP_UID, container_env, run_time_env, step_arguments
-from ecb_airflow.steps import parse_manifest
+from ecb_airflow.step_operator import STEP_TEMPLATE_FIELDS, StepOperator
 from tasks.config import ExecutionConfig
 
 DOCKER_SOCKET = "/var/run/docker.sock"
@@ -29,17 +30,11 @@ def docker_kwargs(step_name: str, gpus: int, ex: ExecutionConfig) -> dict:
     }
 
 
-class DockerStepOperator(DockerOperator):
+class DockerStepOperator(StepOperator, DockerOperator):
     """Run ``python -m tasks <step>`` in a container of the step image; its manifest becomes the XCom."""
 
-    template_fields = (*DockerOperator.template_fields, "inputs", "overrides")
+    template_fields = (*DockerOperator.template_fields, *STEP_TEMPLATE_FIELDS)
     ui_color = "#bfdbfe"
-
-    def __init__(self, *, step: str, inputs: dict | None = None, overrides: dict | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.step = step
-        self.inputs = inputs or {}
-        self.overrides = overrides or {}
 
     def execute(self, context) -> dict:
         self.command = step_arguments(self.step, context, self.inputs, self.overrides)

@@ -2,8 +2,9 @@
 
 The mode comes from ``$ECB_EXECUTION_MODE``, else the Airflow Variable ``ecb_execution`` (a JSON object of
 ``execution.*`` fields, e.g. ``{"mode": "kubernetes", "image": "registry.example/ecb-gpu:1.4"}``), else the config
-file. The Docker and Kubernetes providers are imported only when their mode is chosen, so parsing the DAG in local
-mode stays as light as before.
+file; ``settings()`` is the one place that resolves it (``ecb_airflow.steps`` picks the operator class from it). The
+Docker and Kubernetes providers are imported only when their mode is chosen, so parsing the DAG in local mode stays
+as light as before.
 
 The container contract is the same in both container modes: entrypoint ``python -m tasks``, arguments
 ``<step> --run-id R --set ... --input ...`` built when the task runs (as in local mode; plus ``--set execution.*``
@@ -20,6 +21,7 @@ import json
 import os
 import time
 
+from ecb_airflow.command import build_command, conn_env
 from tasks.config import ExecutionConfig, load_config
 
 MODES = ("local", "docker", "kubernetes")
@@ -28,11 +30,11 @@ ENTRYPOINT = ("python", "-m", "tasks")
 CACHE_DIR = "/cache"  # a volume in Dockerfile.gpu: model and Hugging Face caches outlive one step's container
 STEP_UID = 1000  # the non-root user of Dockerfile.gpu
 # Fixed, non-secret environment of every step container.
-STEP_ENV = {"PYTHONUNBUFFERED": "1", "ECB_LOG_TIMESTAMPS": "0", "HF_HOME": f"{CACHE_DIR}/huggingface",
+STEP_ENV = {"PYTHONUNBUFFERED": "1", "HF_HOME": f"{CACHE_DIR}/huggingface",
             "ECB_MODEL_CACHE": f"{CACHE_DIR}/ecb/models"}
 # Settings a step reads (endpoints, region): the ConfigMap's keys in Kubernetes.
 SETTING_ENV = ("ECB_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL",
-               "HF_ENDPOINT", "ECB_MLFLOW_EXPERIMENT")
+               "HF_ENDPOINT")
 # Credentials a step reads: the Secret's keys in Kubernetes; in Docker, never in a template field.
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "ECB_RESULTS_DB_URL", "ECB_OPTUNA_DB_URL", "HF_TOKEN",
               "ECB_CHAT_ADMIN_TOKEN")
@@ -86,36 +88,22 @@ def changed_settings(ex: ExecutionConfig) -> dict:
     return {f"execution.{k}": v for k, v in dataclasses.asdict(ex).items() if k != "mode" and v != base[k]}
 
 
-def container_operator(step_name: str, gpu: bool) -> tuple[type, dict] | None:
-    """(operator class, its arguments) for the configured container mode; None in local mode."""
-    ex = settings()
-    if ex.mode == "local":
-        return None
-    gpus = gpus_for(step_name, gpu, ex)
-    extra = {"overrides": changed_settings(ex)}
+def container_kwargs(gpus: int, ex: ExecutionConfig) -> dict:
+    """Operator arguments both container modes add: the changed settings, and one ``gpu`` pool slot per device."""
+    extra: dict = {"overrides": changed_settings(ex)}
     if gpus > 1:
         extra["pool_slots"] = gpus  # the gpu pool has one slot per device
-    if ex.mode == "docker":
-        from ecb_airflow import docker_step
-
-        return docker_step.DockerStepOperator, {**extra, **docker_step.docker_kwargs(step_name, gpus, ex)}
-    from ecb_airflow import k8s_step
-
-    return k8s_step.KubernetesStepOperator, {**extra, **k8s_step.pod_kwargs(step_name, gpus, ex)}
+    return extra
 
 
 def step_arguments(step_name: str, context, inputs: dict, overrides: dict) -> list[str]:
     """Arguments after the ``python -m tasks`` entrypoint: exactly the local command's, from the run's params."""
-    from ecb_airflow.steps import build_command
-
     return build_command(step_name, context["run_id"], dict(context["params"]), inputs, overrides)[3:]
 
 
 def run_time_env() -> dict[str, str]:
     """Values of the step settings and secrets for a container, read when the task runs: the worker's environment,
     then its Airflow connections (as in local mode)."""
-    from ecb_airflow.steps import _conn_env
-
     env = {name: os.environ[name] for name in (*SETTING_ENV, *SECRET_ENV) if os.environ.get(name)}
-    env.update({name: value for name, value in _conn_env().items() if value})
+    env.update({name: value for name, value in conn_env().items() if value})
     return env

@@ -7,6 +7,7 @@ from airflow.providers.cncf.kubernetes.secret import Secret
 from kubernetes.client import models as k8s
 
 from ecb_airflow.execution import CACHE_DIR, ENTRYPOINT, STEP_UID, container_env, step_arguments
+from ecb_airflow.step_operator import STEP_TEMPLATE_FIELDS, StepOperator
 from tasks.config import ExecutionConfig
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -43,17 +44,11 @@ def pod_kwargs(step_name: str, gpus: int, ex: ExecutionConfig) -> dict:
     return kwargs
 
 
-class KubernetesStepOperator(KubernetesPodOperator):
+class KubernetesStepOperator(StepOperator, KubernetesPodOperator):
     """Run ``python -m tasks <step>`` in a pod; the step writes /airflow/xcom/return.json, which becomes the XCom."""
 
-    template_fields = (*KubernetesPodOperator.template_fields, "inputs", "overrides")
+    template_fields = (*KubernetesPodOperator.template_fields, *STEP_TEMPLATE_FIELDS)
     ui_color = "#c7d2fe"
-
-    def __init__(self, *, step: str, inputs: dict | None = None, overrides: dict | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.step = step
-        self.inputs = inputs or {}
-        self.overrides = overrides or {}
 
     def execute(self, context):
         self.arguments = step_arguments(self.step, context, self.inputs, self.overrides)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from airflow.sdk import Param
 
-from ecb_airflow.steps import config_params
+from tasks.config import iter_fields, load_config
 
 JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array"}
 
@@ -15,6 +15,17 @@ RUN_PARAMS = {
     "force_deploy": Param(False, type="boolean", title="Force deploy",
                           description="Release the candidate whatever the quality gate says (logged loudly)."),
 }
+
+
+def config_params() -> dict[str, tuple]:
+    """Config fields shown on the trigger form: dotted name -> (default from the YAML config, help, field type)."""
+    defaults = load_config()
+    out = {}
+    for name, f, typ in iter_fields():
+        if f.metadata.get("param"):
+            section, attr = name.split(".")
+            out[name] = (getattr(getattr(defaults, section), attr), f.metadata["help"], typ)
+    return out
 
 
 def dag_params() -> dict[str, Param]:

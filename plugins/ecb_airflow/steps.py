@@ -1,9 +1,10 @@
 """One mechanism for every ML step: build the task that runs ``python -m tasks <step>``.
 
-The DAG names steps; this module decides how they execute: a ``local`` subprocess, or (``ecb_airflow.execution``)
-a Docker container or Kubernetes pod of the step image, chosen by configuration with no change to the DAG.
-Settings reach the step as environment built from Airflow connections, so no secret is ever in a command line, a
-template or a log. The step's JSON manifest (its last stdout line) becomes the XCom.
+The DAG names steps; this module decides how they execute: a ``local`` subprocess (here), or a Docker container
+(``docker_step``) or Kubernetes pod (``k8s_step``) of the step image, as ``execution.settings()`` says, with no change
+to the DAG. Settings reach the step as environment built from Airflow connections, so no secret is ever in a command
+line, a template or a log. The step's JSON manifest (its last stdout line) becomes the XCom, and each of its fields
+its own XCom too (``task.output["key"]``).
 """
 
 from __future__ import annotations
@@ -11,96 +12,23 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 from datetime import timedelta
 
 from airflow.sdk import BaseOperator, Context
 
-from ecb_airflow.execution import container_operator
-from tasks.config import iter_fields, load_config
-
-# Airflow connection id -> how it becomes step environment (None when the connection is not defined).
-CONNECTIONS = ("aws_default", "ecb_results", "mlflow_default", "huggingface_default")
-
-
-CONFIG_FIELDS = tuple(name for name, _, _ in iter_fields())
-
-
-def from_step(task_id: str, key: str) -> str:
-    """A Jinja reference to one field of an upstream step's manifest (rendered at run time)."""
-    return "{{ ti.xcom_pull(task_ids='%s')['%s'] }}" % (task_id, key)
-
-
-def config_params() -> dict[str, tuple]:
-    """Config fields shown on the trigger form: dotted name -> (default from the YAML config, help, field type)."""
-    defaults = load_config()
-    out = {}
-    for name, f, typ in iter_fields():
-        if f.metadata.get("param"):
-            section, attr = name.split(".")
-            out[name] = (getattr(getattr(defaults, section), attr), f.metadata["help"], typ)
-    return out
-
-
-def _conn_env() -> dict[str, str]:
-    from airflow.sdk import BaseHook
-
-    env: dict[str, str] = {}
-    for conn_id in CONNECTIONS:
-        try:
-            conn = BaseHook.get_connection(conn_id)
-        except Exception:  # noqa: S112 - an undefined connection means "use the worker's environment"
-            continue
-        extra = conn.extra_dejson
-        if conn_id == "aws_default":
-            env.update({"AWS_ACCESS_KEY_ID": conn.login or "", "AWS_SECRET_ACCESS_KEY": conn.password or "",
-                        "AWS_DEFAULT_REGION": extra.get("region_name", "us-east-1"),
-                        "ECB_S3_ENDPOINT_URL": extra.get("endpoint_url", "")})
-        elif conn_id == "ecb_results":
-            env["ECB_RESULTS_DB_URL"] = conn.get_uri().replace("postgres://", "postgresql://", 1)
-        elif conn_id == "mlflow_default":
-            env["MLFLOW_TRACKING_URI"] = conn.host if "://" in (conn.host or "") else conn.get_uri()
-        elif conn_id == "huggingface_default":  # token in the password; optional endpoint in extra
-            env["HF_TOKEN"] = conn.password or ""
-            if extra.get("endpoint"):
-                env["HF_ENDPOINT"] = extra["endpoint"]
-    return {k: v for k, v in env.items() if v is not None}
+from ecb_airflow.command import build_command, conn_env, parse_manifest
+from ecb_airflow.execution import container_kwargs, gpus_for, settings
+from ecb_airflow.step_operator import StepOperator
 
 
 def step_env() -> dict[str, str]:
+    """Environment of a local step subprocess: the worker's, then its Airflow connections."""
     env = dict(os.environ)
-    env.update(_conn_env())
+    env.update(conn_env())
     env.setdefault("PYTHONUNBUFFERED", "1")
-    env["ECB_LOG_TIMESTAMPS"] = "0"  # the task log stamps every line already
     return env
-
-
-def parse_manifest(lines: list[str]) -> dict:
-    """The manifest is the last stdout line that is a JSON object."""
-    for line in reversed(lines):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                continue
-    raise ValueError("the step printed no JSON manifest")
-
-
-def build_command(step_name: str, run_id: str, params: dict, inputs: dict, overrides: dict | None = None) -> list[str]:
-    """argv of the step command: config params of the run as --set, upstream values as --input."""
-    argv = [sys.executable, "-m", "tasks", step_name, "--run-id", run_id]
-    # Form fields and any other config field given in the run's conf JSON ("section.field": value).
-    for name in CONFIG_FIELDS:
-        if name in params:
-            argv += ["--set", f"{name}={json.dumps(params[name])}"]
-    for name, value in (overrides or {}).items():
-        argv += ["--set", f"{name}={json.dumps(value)}"]
-    for key, value in inputs.items():
-        argv += ["--input", f"{key}={value}"]
-    return argv
 
 
 def _watch_supervisor(proc: subprocess.Popen, supervisor: int, done: threading.Event) -> None:
@@ -144,17 +72,10 @@ def run_command(argv: list[str], log, timeout: timedelta | None, extra_env: dict
     return manifest
 
 
-class LocalStepOperator(BaseOperator):
+class LocalStepOperator(StepOperator):
     """Run a step command as a subprocess of the worker, streaming its output into the task log."""
 
-    template_fields = ("inputs", "overrides")
     ui_color = "#dbeafe"
-
-    def __init__(self, *, step: str, inputs: dict | None = None, overrides: dict | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.step = step
-        self.inputs = inputs or {}
-        self.overrides = overrides or {}
 
     def command(self, run_id: str, params: dict) -> list[str]:
         return build_command(self.step, run_id, params, self.inputs, self.overrides)
@@ -165,25 +86,37 @@ class LocalStepOperator(BaseOperator):
 
 
 def _operator(step_name: str, gpu: bool) -> tuple[type, dict]:
-    """The operator class for the configured execution mode and the arguments that mode adds."""
-    return container_operator(step_name, gpu) or (LocalStepOperator, {})
+    """The operator class for the execution mode in force and the arguments that mode adds. The container
+    modules are imported only here, so local mode never loads the Docker or Kubernetes provider."""
+    ex = settings()
+    if ex.mode == "local":
+        return LocalStepOperator, {}
+    gpus = gpus_for(step_name, gpu, ex)
+    if ex.mode == "docker":
+        from ecb_airflow import docker_step
+
+        cls, mode_kwargs = docker_step.DockerStepOperator, docker_step.docker_kwargs(step_name, gpus, ex)
+    else:
+        from ecb_airflow import k8s_step
+
+        cls, mode_kwargs = k8s_step.KubernetesStepOperator, k8s_step.pod_kwargs(step_name, gpus, ex)
+    return cls, {**container_kwargs(gpus, ex), **mode_kwargs}
 
 
 def step(step_name: str, *, task_id: str | None = None, inputs: dict | None = None, gpu: bool = False,
-         timeout: timedelta | None = None, **kwargs) -> BaseOperator:
-    """The single factory the DAG uses for every step. GPU steps take a slot from the ``gpu`` pool."""
+         **kwargs) -> BaseOperator:
+    """The single factory the DAG uses for every step. GPU steps take a slot from the ``gpu`` pool; the timeout
+    and retries come from the DAG's default_args."""
     if gpu:
         kwargs.setdefault("pool", "gpu")
     cls, extra = _operator(step_name, gpu)
-    return cls(task_id=task_id or step_name, step=step_name, inputs=inputs, execution_timeout=timeout,
-               **{**extra, **kwargs})
+    return cls(task_id=task_id or step_name, step=step_name, inputs=inputs, **{**extra, **kwargs})
 
 
-def mapped_step(step_name: str, expand_inputs, *, task_id: str | None = None, gpu: bool = False,
-                timeout: timedelta | None = None, **kwargs):
+def mapped_step(step_name: str, expand_inputs, *, task_id: str | None = None, gpu: bool = False, **kwargs):
     """The same step, dynamically mapped: one task instance per element (a dict of inputs) of expand_inputs."""
     if gpu:
         kwargs.setdefault("pool", "gpu")
     cls, extra = _operator(step_name, gpu)
-    return cls.partial(task_id=task_id or step_name, step=step_name, execution_timeout=timeout,
-                       **{**extra, **kwargs}).expand(inputs=expand_inputs)
+    return cls.partial(task_id=task_id or step_name, step=step_name, **{**extra, **kwargs}).expand(
+        inputs=expand_inputs)

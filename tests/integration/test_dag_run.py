@@ -101,8 +101,10 @@ def chat_service():
 def check_release_and_deploy(dagrun):
     """No champion yet, so the gate releases; the last task deploys the chat service, which answers with the
     version just registered (the push was skipped: no HF token in this test)."""
-    gate = dagrun.get_task_instance("quality_gate").xcom_pull(task_ids="quality_gate", key="decision")
+    gate = xcom(dagrun, "quality_gate")  # the gate step's manifest; release_or_skip followed it
     assert gate["release"] is True, gate
+    assert dagrun.get_task_instance("release_or_skip").state == "success"
+    assert dagrun.get_task_instance("skip_release").state == "skipped"
     version = xcom(dagrun, "register_model")["version"]
     assert xcom(dagrun, "push_to_hub")["status"] == "skipped"
     deployed = xcom(dagrun, "deploy_chat_service")

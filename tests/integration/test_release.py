@@ -40,8 +40,8 @@ def test_first_run_releases_second_keeps_the_champion(services, airflow_db, mlfl
     conf = {"data.source": str(src), "model.base_model": str(tiny_base_model), "hpo.enabled": False,
             "release.registered_model": name}
     first, states = run_dag(dagbag, conf)
-    assert states["quality_gate"] == "success" and states["register_model"] == "success"
-    assert states["skip_release"] == "skipped"
+    assert states["quality_gate"] == "success" and states["release_or_skip"] == "success"
+    assert states["register_model"] == "success" and states["skip_release"] == "skipped"
     g1 = gate_row(first.run_id)
     assert g1.release is True and "first model" in g1.summary and g1.champion_eval_id is None
     client = MlflowClient()
@@ -60,9 +60,11 @@ def test_first_run_releases_second_keeps_the_champion(services, airflow_db, mlfl
     assert ev.n_examples > 0 and ev.metrics["bleu4"] >= 0 and ev.per_intent
 
     second, states = run_dag(dagbag, {**conf, "force_retrain": True})
+    assert states["quality_gate"] == "success" and states["release_or_skip"] == "success"
     assert states["register_model"] == "skipped" and states["skip_release"] == "success"
     assert states["deploy_chat_service"] == "skipped"  # never deployed after skip_release
     g2 = gate_row(second.run_id)
+    assert second.get_task_instance("quality_gate").xcom_pull(task_ids="quality_gate")["decision_id"] == g2.id
     assert g2.release is False and g2.champion_eval_id == g1.candidate_eval_id  # stored evaluation reused
     assert abs(g2.score_delta) < 1e-9 and "not above the threshold" in g2.summary
     assert client.get_model_version_by_alias(name, "champion").version == "1"

@@ -6,8 +6,10 @@ from __future__ import annotations
 import ast
 import json
 import os
+import subprocess
+import sys
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -15,6 +17,7 @@ from tests.conftest import REPO, SETTINGS
 
 DAG_ID = "ecommerce_chatbot_training"
 PARAMS = {"data.max_rows": 50, "hpo.n_trials": 2, "force_retrain": True}
+NO_LOG_STAMPS = ["--set", "pipeline.log_timestamps=false"]  # every command Airflow builds: the task log stamps lines
 SECRET_VALUES = [SETTINGS["s3_secret_key"], SETTINGS["pg_password"], SETTINGS["chat_admin_token"]]
 
 
@@ -64,28 +67,142 @@ def rendered_fields(op) -> str:
     return json.dumps({f: getattr(op, f) for f in op.template_fields}, default=str)
 
 
+class _TI:
+    """Enough of a task instance for XComArgs to resolve: a pull returns the manifest given, or for a field it lacks
+    a value naming the task and key."""
+
+    def __init__(self, manifest: dict | None = None):
+        self.manifest, self.pulls = manifest or {}, []
+
+    def xcom_pull(self, task_ids, key="return_value", **_):
+        self.pulls.append((task_ids, key))
+        return self.manifest if key == "return_value" else self.manifest.get(key, f"{task_ids}.{key}")
+
+
+def references(inputs: dict) -> dict:
+    """Inputs with each XComArg as (task id, key): comparable across DAGs parsed in different modes."""
+    from airflow.sdk import XComArg
+
+    return {k: (v.operator.task_id, v.key) if isinstance(v, XComArg) else v for k, v in inputs.items()}
+
+
 def test_every_step_task_exists_in_every_mode(modes, gpu_steps):
-    assert set(modes["local"]) >= {"sync_raw_data", "prepare_chatml", "plan_hpo", "hpo_trial", "select_best",
-                                   "finetune", "evaluate", "register_model", "push_to_hub"}
+    assert set(modes["local"]) == {"sync_raw_data", "prepare_chatml", "plan_hpo", "hpo_trial", "select_best",
+                                   "finetune", "evaluate", "quality_gate", "register_model", "push_to_hub",
+                                   "deploy_chat_service"}
     assert set(modes["docker"]) == set(modes["kubernetes"]) == set(modes["local"])
     assert gpu_steps == {"hpo_trial", "finetune", "evaluate"}
+    # The quality gate is a step like the others: it runs in the configured mode, not always on the worker.
     assert {type(op).__name__ for op in modes["local"].values()} == {"LocalStepOperator"}
     assert {type(op).__name__ for op in modes["docker"].values()} == {"DockerStepOperator"}
     assert {type(op).__name__ for op in modes["kubernetes"].values()} == {"KubernetesStepOperator"}
 
 
+def test_step_operators_share_their_fields():
+    """One base holds step / inputs / overrides; each mode keeps its own provider's template fields."""
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from airflow.providers.docker.operators.docker import DockerOperator
+
+    from ecb_airflow.docker_step import DockerStepOperator
+    from ecb_airflow.k8s_step import KubernetesStepOperator
+    from ecb_airflow.step_operator import StepOperator
+    from ecb_airflow.steps import LocalStepOperator
+
+    for cls, base in ((LocalStepOperator, StepOperator), (DockerStepOperator, DockerOperator),
+                      (KubernetesStepOperator, KubernetesPodOperator)):
+        assert issubclass(cls, StepOperator) and "__init__" not in vars(cls), cls
+        assert set(cls.template_fields) == {*base.template_fields, "inputs", "overrides"}, cls
+    op = LocalStepOperator(task_id="t", step="evaluate", inputs={"a": "1"}, overrides={"execution.image": "i"})
+    assert (op.step, op.inputs, op.overrides, op.multiple_outputs) == ("evaluate", {"a": "1"}, {"execution.image": "i"},
+                                                                       True)
+    with pytest.raises(TypeError, match="step"):
+        LocalStepOperator(task_id="t")  # the metaclass still reports a missing argument
+
+
+def test_build_command_argv():
+    from ecb_airflow.command import build_command
+
+    argv = build_command("prepare_chatml", "r1", {"data.max_rows": 10, "force_retrain": True, "data.source": "/d"},
+                         {"raw_manifest": "s3://b/m.json", "evaluation": {"candidate": None}, "slot": 0},
+                         {"execution.image": "img:1"})
+    assert argv == [sys.executable, "-m", "tasks", "prepare_chatml", "--run-id", "r1", *NO_LOG_STAMPS,
+                    "--set", 'data.source="/d"', "--set", "data.max_rows=10", "--set", 'execution.image="img:1"',
+                    "--input", "raw_manifest=s3://b/m.json", "--input", 'evaluation={"candidate": null}',
+                    "--input", "slot=0"]
+
+
+def test_local_step_env_has_connections_and_no_log_switch():
+    """The local subprocess environment: the worker's, then its connections; the log format is a --set now."""
+    from ecb_airflow.command import conn_env
+    from ecb_airflow.steps import step_env
+
+    with environ(ECB_LOG_TIMESTAMPS=None):
+        env = step_env()
+    assert "ECB_LOG_TIMESTAMPS" not in env and env["PYTHONUNBUFFERED"] == "1"
+    assert env["AWS_SECRET_ACCESS_KEY"] == SETTINGS["s3_secret_key"]
+    assert {k: env[k] for k in conn_env()} == conn_env()
+
+
+def test_defaults_reach_every_step_in_every_mode(modes):
+    """Timeout and retries come from the DAG's default_args, mapped hpo_trial included."""
+    from tasks.config import load_config
+
+    pipeline = load_config().pipeline
+    for mode, ops in modes.items():
+        for tid, op in ops.items():
+            assert op.execution_timeout == timedelta(seconds=pipeline.step_timeout_s), (mode, tid)
+            assert op.retries == pipeline.retries, (mode, tid)
+
+
+@pytest.mark.parametrize("force", [True, False])
+def test_quality_gate_command_in_every_mode(modes, force):
+    """The gate step gets the whole evaluate manifest as JSON and force_deploy as the run's true / false."""
+    from ecb_airflow.execution import step_arguments
+
+    evaluation = {"candidate": {"eval_id": 3}, "champion": None, "registry_error": None}
+    for mode, ops in modes.items():
+        op, ti = ops["quality_gate"], _TI(evaluation)
+        inputs = op.render_template(op.inputs, {"params": {**PARAMS, "force_deploy": force}, "ti": ti})
+        assert ti.pulls == [("evaluate", "return_value")], mode
+        argv = step_arguments(op.step, {"run_id": "r", "params": PARAMS}, inputs, {})
+        assert argv[-4:] == ["--input", f"evaluation={json.dumps(evaluation)}",
+                             "--input", f"force_deploy={str(force).lower()}"], mode
+
+
+def test_register_model_reads_the_gate_manifest(modes):
+    """Upstream values are XComArgs to manifest fields: decision_id from the quality_gate step itself."""
+    from airflow.sdk import XComArg
+
+    fields = {"adapter_uri": "s3://a/", "mlflow_run_id": "m1", "snapshot_id": "s1", "decision_id": 7}
+    for mode, ops in modes.items():
+        op, ti = ops["register_model"], _TI(fields)
+        ref = op.inputs["decision_id"]
+        assert isinstance(ref, XComArg) and (ref.operator.task_id, ref.key) == ("quality_gate", "decision_id"), mode
+        assert op.render_template(op.inputs, {"ti": ti}) == fields, mode
+        assert sorted(ti.pulls) == [("finetune", "adapter_uri"), ("finetune", "mlflow_run_id"),
+                                    ("prepare_chatml", "snapshot_id"), ("quality_gate", "decision_id")], mode
+
+
 def test_containers_run_the_local_command(modes):
     """The container argv is the local argv after `python -m tasks`, from the same params and upstream inputs."""
+    from ecb_airflow.command import build_command
     from ecb_airflow.execution import ENTRYPOINT, step_arguments
 
-    context = {"run_id": "manual__2026-01-01", "params": PARAMS}
+    context = {"run_id": "manual__2026-01-01", "params": {**PARAMS, "force_deploy": False}}
+
+    def rendered(op) -> dict:  # what the task's inputs are when it runs
+        return op.render_template(op.inputs, {**context, "ti": _TI()})
+
     for tid, local in modes["local"].items():
         argv = local.command(context["run_id"], PARAMS)
         assert argv[1:3] == ["-m", "tasks"] and argv[3] == local.step
+        assert argv[6:8] == NO_LOG_STAMPS
+        argv = build_command(local.step, context["run_id"], PARAMS, rendered(local), local.overrides)
         for mode in ("docker", "kubernetes"):
             op = modes[mode][tid]
-            assert (op.step, op.inputs, op.overrides) == (local.step, local.inputs, local.overrides)
-            assert step_arguments(op.step, context, op.inputs, op.overrides) == argv[3:]
+            assert (op.step, references(op.inputs), op.overrides) == (local.step, references(local.inputs),
+                                                                      local.overrides)
+            assert step_arguments(op.step, context, rendered(op), op.overrides) == argv[3:]
         assert modes["docker"][tid].entrypoint == list(ENTRYPOINT)
         assert modes["kubernetes"][tid].cmds == list(ENTRYPOINT)
     trial = modes["docker"]["hpo_trial"]
@@ -100,6 +217,7 @@ def test_docker_operators(modes, gpu_steps):
         assert op.image == "ecb-gpu:latest" and op.network_mode == "ecb"
         assert op.docker_url == "unix://var/run/docker.sock"
         assert op.environment == {**STEP_ENV, "ECB_EXECUTION_MODE": "docker"}
+        assert "ECB_LOG_TIMESTAMPS" not in op.environment  # the log format is a --set of every command
         assert not set(op.environment) & set(SECRET_ENV)
         assert op._private_environment == {}  # secrets are added when the task runs, never at parse time
         mounts = [(m["Target"], m["Source"], m["Type"]) for m in op.mounts]
@@ -126,8 +244,10 @@ def test_kubernetes_operators_and_pod_spec(modes, gpu_steps):
         op.arguments = step_arguments(op.step, {"run_id": "r1", "params": {}}, op.inputs, op.overrides)
         pod = op.build_pod_request_obj(dry_run=True)
         main = pod.spec.containers[0]
-        assert main.command == ["python", "-m", "tasks"] and main.args[:3] == [op.step, "--run-id", "r1"]
+        assert main.command == ["python", "-m", "tasks"] and main.args[:5] == [op.step, "--run-id", "r1",
+                                                                                 *NO_LOG_STAMPS]
         assert {e.name: e.value for e in main.env} == {**STEP_ENV, "ECB_EXECUTION_MODE": "kubernetes"}
+        assert "ECB_LOG_TIMESTAMPS" not in {e.name for e in main.env}
         assert [(f.config_map_ref and f.config_map_ref.name, f.secret_ref and f.secret_ref.name)
                 for f in main.env_from] == [("ecb-step-config", None), (None, "ecb-step-secrets")]
         # /airflow/xcom is the provider's sidecar volume: the step's return.json becomes the XCom.
@@ -161,8 +281,8 @@ def test_variable_sets_image_and_gpus_per_step():
 
     argv = step_arguments("register_model", {"run_id": "r", "params": {}}, {}, ops["register_model"].overrides)
     assert [argv[i + 1] for i, a in enumerate(argv) if a == "--set"] == [
-        'execution.image="registry.example/ecb-gpu:7"', 'execution.image_pull_policy="Always"',
-        'execution.step_gpus={"finetune": 2}', 'execution.k8s_cache_pvc=""']
+        "pipeline.log_timestamps=false", 'execution.image="registry.example/ecb-gpu:7"',
+        'execution.image_pull_policy="Always"', 'execution.step_gpus={"finetune": 2}', 'execution.k8s_cache_pvc=""']
 
 
 def test_mode_precedence_env_over_variable_over_config(tmp_path):
@@ -206,12 +326,39 @@ def _module_level_imports(path) -> set[str]:
     return names
 
 
+CONTAINER_MODULES = ("docker", "kubernetes", "airflow.providers.docker.operators",
+                     "airflow.providers.cncf.kubernetes.operators", "ecb_airflow.docker_step", "ecb_airflow.k8s_step")
+
+
 def test_local_mode_imports_no_container_provider():
-    for name in ("steps.py", "execution.py"):
-        imports = _module_level_imports(REPO / "plugins" / "ecb_airflow" / name)
+    for path in (REPO / "plugins" / "ecb_airflow").glob("*.py"):
+        if path.stem in ("docker_step", "k8s_step"):
+            continue
+        imports = _module_level_imports(path)
         heavy = {m for m in imports if m.split(".")[0] in ("docker", "kubernetes")
                  or m.startswith(("airflow.providers", "ecb_airflow.docker_step", "ecb_airflow.k8s_step"))}
-        assert heavy == set(), name
+        assert heavy == set(), path.name
+
+
+def _container_modules_after_parse(mode: str) -> set[str]:
+    """Which of CONTAINER_MODULES a clean interpreter has loaded after parsing the DAG in this mode."""
+    code = ("import sys, json\n"
+            "from airflow.dag_processing.dagbag import DagBag\n"
+            f"bag = DagBag(dag_folder={str(REPO / 'dags')!r})\n"
+            "assert not bag.import_errors, bag.import_errors\n"
+            "print(json.dumps(sorted(sys.modules)))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                       env={**os.environ, "ECB_EXECUTION_MODE": mode})
+    assert r.returncode == 0, r.stderr[-2000:]
+    loaded = json.loads(r.stdout.strip().splitlines()[-1])
+    return {p for p in CONTAINER_MODULES if any(m == p or m.startswith(p + ".") for m in loaded)}
+
+
+def test_parsing_in_local_mode_loads_no_container_provider():
+    """A clean interpreter parses the DAG in local mode without the Docker / Kubernetes clients or operators;
+    in docker mode the same probe sees them (so it can tell)."""
+    assert _container_modules_after_parse("local") == set()
+    assert {"docker", "ecb_airflow.docker_step"} <= _container_modules_after_parse("docker")
 
 
 def test_rollout_targets():
