@@ -13,6 +13,7 @@ import json
 import math
 import os
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -346,11 +347,13 @@ def _apply(cfg: Config, name: str, value: Any) -> None:
     setattr(obj, attr, _coerce(name, value, typ, dict(f.metadata)))
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def flatten(tree: Mapping, prefix: str = "", depth: int | None = None) -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}, descending at most ``depth`` levels of mappings (None = all of them).
+    A config tree flattens with depth=1: sections become prefixes, dict-valued fields (eval.weights) stay values."""
     flat = {}
     for key, value in tree.items():
-        if isinstance(value, dict) and not prefix.count("."):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+        if isinstance(value, Mapping) and (depth is None or depth > 0):
+            flat.update(flatten(value, f"{prefix}{key}.", None if depth is None else depth - 1))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -379,7 +382,7 @@ def _apply_file(cfg: Config, path: Path) -> None:
     tree = yaml.safe_load(path.read_text()) or {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
-    for name, value in _flatten(tree).items():
+    for name, value in flatten(tree, depth=1).items():
         _apply(cfg, name, value)
 
 
@@ -396,6 +399,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
 
 def config_from_dict(tree: dict) -> Config:
     cfg = Config()
-    for name, value in _flatten(tree).items():
+    for name, value in flatten(tree, depth=1).items():
         _apply(cfg, name, value)
     return cfg

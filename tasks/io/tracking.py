@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 from tasks import env
 from tasks.config import PipelineConfig
+from tasks.config import flatten as flatten_tree
 
 log = logging.getLogger("tasks.io.tracking")
 _settings = {"experiment": PipelineConfig().mlflow_experiment}
@@ -26,14 +27,9 @@ def enabled() -> bool:
     return bool(env.get("MLFLOW_TRACKING_URI"))
 
 
-def flatten(cfg_dict: dict, prefix: str = "") -> dict[str, str]:
-    out = {}
-    for k, v in cfg_dict.items():
-        if isinstance(v, dict) and not prefix:
-            out.update(flatten(v, f"{k}."))
-        else:
-            out[f"{prefix}{k}"] = str(v)[:500]
-    return out
+def flatten(cfg_dict: dict) -> dict[str, str]:
+    """A config dict as MLflow params: section.field -> value as text (MLflow caps a param at 500 characters)."""
+    return {name: str(value)[:500] for name, value in flatten_tree(cfg_dict, depth=1).items()}
 
 
 def _experiment_id(client) -> str:

@@ -14,6 +14,8 @@ from importlib import resources
 
 import yaml
 
+from tasks.config import flatten
+
 DEFAULT_LICENSE = "apache-2.0"
 DEFAULT_TAGS = ["lora", "peft", "customer-support", "e-commerce", "chatbot", "ecb-platform"]
 # (metric key, model-index type, display name), in the order of the card's model-index and evaluation table
@@ -42,16 +44,6 @@ def flat_metrics(metrics: Mapping | None) -> dict[str, float]:
             continue
         out[key] = float(value)
     return out
-
-
-def _flatten(tree: Mapping, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _cell(value) -> str:
@@ -118,7 +110,7 @@ def model_card(meta: dict) -> str:
     row_lines = [f"| {_cell(split)} | {_cell(n)} |" for split, n in rows.items()]
     if rows and all(isinstance(n, int) for n in rows.values()):
         row_lines.append(f"| **total** | {sum(rows.values())} |")
-    hp = _flatten(meta.get("hyperparameters") or {})
+    hp = flatten(meta.get("hyperparameters") or {})
     hp_lines = [f"| `{_cell(k)}` | {_cell(v)} |" for k, v in hp.items()]
 
     eval_lines = []

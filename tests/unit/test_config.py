@@ -103,12 +103,12 @@ def test_later_config_files_override_earlier_ones(tmp_path, monkeypatch):
 def test_yaml_files_list_only_real_overrides():
     import yaml
 
-    from tasks.config import _flatten
+    from tasks.config import flatten
     from tests.conftest import REPO
 
     defaults = Config()
     for path in [*(REPO / "include" / "config").glob("*.yaml"), REPO / "tests" / "ecb_test_config.yaml"]:
-        for name, value in _flatten(yaml.safe_load(path.read_text()) or {}).items():
+        for name, value in flatten(yaml.safe_load(path.read_text()) or {}, depth=1).items():
             section, attr = name.split(".")
             assert getattr(getattr(defaults, section), attr) != value, f"{path.name}: {name} repeats the default"
 
@@ -132,3 +132,12 @@ def test_ecb_config_lists_every_field_and_the_environment(capsys):
     for name, var in env.VARS.items():
         assert f"{name} [{var.kind}]" in out
     assert env.get("AWS_SECRET_ACCESS_KEY") and env.get("AWS_SECRET_ACCESS_KEY") not in out  # secrets: set/unset only
+
+
+def test_flatten_descends_as_deep_as_asked():
+    from tasks.config import flatten
+
+    tree = {"eval": {"weights": {"bleu1": 0.1}, "batch_size": 8}, "top": 1}
+    assert flatten(tree, depth=1) == {"eval.weights": {"bleu1": 0.1}, "eval.batch_size": 8, "top": 1}
+    assert flatten(tree) == {"eval.weights.bleu1": 0.1, "eval.batch_size": 8, "top": 1}
+    assert flatten(tree, depth=0) == tree
