@@ -16,4 +16,4 @@ done
 
 echo "Platform results schema (Alembic) and buckets"
 python -m tasks migrate --run-id compose-init
-python -c 'from tasks.io import s3; from tasks.devstack.stack import BUCKETS; [print(b, "created" if s3.ensure_bucket(b) else "exists") for b in BUCKETS]'
+python -c 'from tasks.io import s3; [print(b, "created" if s3.ensure_bucket(b) else "exists") for b in s3.STACK_BUCKETS]'

@@ -29,10 +29,11 @@ from pathlib import Path
 from tasks import env
 from tasks.config import Config, load_config
 from tasks.io.procs import REPO, Proc, state_dir
+from tasks.io.s3 import STACK_BUCKETS
 from tasks.release.deploy import CHAT
 
 DATABASES = ("airflow", "mlflow", "optuna", "platform")
-BUCKETS = ("ecb-platform", "ecb-landing", "ecb-mlflow")
+BUCKETS = STACK_BUCKETS
 BIN = Path(sys.executable).parent
 DEMO_CONFIG = REPO / "include" / "config" / "demo.yaml"
 

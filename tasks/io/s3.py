@@ -37,7 +37,10 @@ _NO_BUCKET = ("NoSuchBucket",)
 _NO_KEY = ("NoSuchKey", "404", "NotFound")
 _UNAVAILABLE = (502, 503, 504)
 
-log = logging.getLogger("tasks.s3")
+# The buckets a self-hosted stack creates (the dev stack, compose's init job): storage.bucket's default, the default
+# data.source landing bucket and MLflow's artifact store.
+STACK_BUCKETS = ("ecb-platform", "ecb-landing", "ecb-mlflow")
+log = logging.getLogger("tasks.io.s3")
 T = TypeVar("T")
 _settings = StorageConfig()  # this process's retry budgets: configure() replaces them
 
