@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: install chromium demo test test-unit chaos lint bench stack-up stack-down clean
+.PHONY: install chromium demo test test-unit chaos lint bench images stack-up stack-down clean
 
 install: $(VENV)/.installed chromium
 
@@ -43,6 +43,12 @@ bench: install
 lint: install
 	$(VENV)/bin/ruff check .
 	PYTHONPATH=plugins $(VENV)/bin/lint-imports
+
+# The compose images (docker-compose.yaml). The GPU image records the commit it is built from: the git_commit lineage
+# tag of every version register_model puts in the registry (an image built without it says "unknown").
+GIT_COMMIT ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+images:
+	GIT_COMMIT=$(GIT_COMMIT) docker compose build
 
 stack-up: install
 	$(VENV)/bin/ecb stack up

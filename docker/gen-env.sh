@@ -26,3 +26,5 @@ sed -e "s|^POSTGRES_PASSWORD=.*|POSTGRES_PASSWORD=$(secret)|" \
     -e "s|^AIRFLOW_UID=.*|AIRFLOW_UID=50000|" \
     "${root}/.env.example" > "${out}"
 echo "wrote ${out} (Airflow UI user: admin, password: AIRFLOW_ADMIN_PASSWORD in that file)"
+# GIT_COMMIT is not written: it must be the commit of each build, so the build sets it from git.
+echo "next: make images (GIT_COMMIT=\$(git rev-parse HEAD) docker compose build), then docker compose up -d"

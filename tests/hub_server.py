@@ -13,6 +13,10 @@ there with ``HfApi(endpoint=server.url)`` / ``HF_ENDPOINT``:
 * ``POST /api/validate-yaml``                                   README front-matter check done by create_commit
 * ``GET|HEAD /{repo}/resolve/{rev}/{path}``                     hf_hub_download (X-Repo-Commit, ETag headers)
 
+With ``lfs_suffixes`` (e.g. ``(".safetensors",)``) the tree listing reports matching files as the real Hub reports LFS
+files: ``oid`` is the git blob id of the LFS pointer and ``lfs.oid`` the sha256 of the content (the commit endpoint
+still takes them as regular files; only what the tree shows changes).
+
 Every request is checked against one bearer token (a wrong token gets the Hub's 401 "Invalid credentials in
 Authorization header") and recorded in ``server.requests`` (method, path, auth state, status; for preupload and
 commit also the file list). Commits made through the commit endpoint are recorded in ``server.commits`` with the
@@ -45,6 +49,12 @@ INVALID_CREDENTIALS = "Invalid credentials in Authorization header"
 def git_blob_sha(data: bytes) -> str:
     """The git blob id of ``data`` (what ``git hash-object`` prints and the Hub reports as a regular file's oid)."""
     return hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
+
+
+def lfs_pointer(data: bytes) -> bytes:
+    """The git-lfs pointer file that git stores in place of an LFS file's content."""
+    return b"version https://git-lfs.github.com/spec/v1\noid sha256:%s\nsize %d\n" % (
+        hashlib.sha256(data).hexdigest().encode(), len(data))
 
 
 @dataclass
@@ -97,9 +107,10 @@ def _error(status: int, message: str, code: str | None = None, **extra) -> Respo
 class HubServer:
     """Run with ``start()`` / ``stop()`` or as a context manager; ``url`` is the endpoint to give HfApi."""
 
-    def __init__(self, token: str, user: str = DEFAULT_USER):
+    def __init__(self, token: str, user: str = DEFAULT_USER, lfs_suffixes: tuple[str, ...] = ()):
         self.token = token
         self.user = user
+        self.lfs_suffixes = tuple(lfs_suffixes)
         self.repos: dict[str, Repo] = {}
         self.requests: list[dict] = []
         self.commits: list[dict] = []  # commits received on the commit endpoint: repo_id, oid, summary, files
@@ -331,10 +342,17 @@ class HubServer:
                     entries.setdefault(folder, {"type": "directory", "oid": hashlib.sha1(
                         folder.encode(), usedforsecurity=False).hexdigest(), "size": 0, "path": folder})
             if recursive or len(rel_parts) == 1:
-                entries[path] = {"type": "file", "oid": git_blob_sha(data), "size": len(data), "path": path}
+                entries[path] = self._file_entry(path, data)
         if prefix and not entries:
             return _error(404, f"{prefix} does not exist at {revision}", "EntryNotFound")
         return jsonify(list(entries.values()))
+
+    def _file_entry(self, path: str, data: bytes) -> dict:
+        if not path.endswith(self.lfs_suffixes):  # endswith(()) is False: no LFS by default
+            return {"type": "file", "oid": git_blob_sha(data), "size": len(data), "path": path}
+        pointer = lfs_pointer(data)
+        return {"type": "file", "oid": git_blob_sha(pointer), "size": len(data), "path": path,
+                "lfs": {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": len(pointer)}}
 
     def _preupload(self, repo: Repo, args: list[str]) -> Response:
         body = request.get_json(force=True, silent=True) or {}

@@ -70,11 +70,14 @@ def model_card(meta: dict) -> str:
 
     Meta keys: repo_id, base_model, registry_version, snapshot_id, rows (split -> count), hyperparameters (dict,
     may be nested), metrics (candidate), champion_metrics (dict or None), gate_summary, datasets (list), license;
-    optional: dataset ({name, type}), system_prompt, private. Deterministic: the same meta gives the same bytes.
+    run_id (the DAG run) and gate_decision_id (the gate_decisions row), as the chat service's /api/model shows them;
+    optional: tag (default ``v<registry_version>``), dataset ({name, type}), system_prompt, private.
+    Deterministic: the same meta gives the same bytes.
     """
     repo_id = meta["repo_id"]
     model_name = repo_id.rsplit("/", 1)[-1]
     version = meta.get("registry_version", "?")
+    tag = meta.get("tag") or f"v{version}"
     base_model = str(meta.get("base_model") or "")
     snapshot_id = meta.get("snapshot_id") or "unknown"
     datasets = list(meta.get("datasets") or [])
@@ -124,6 +127,11 @@ def model_card(meta: dict) -> str:
     base_text = f"[`{base_model}`](https://huggingface.co/{base_model})" if is_hub_model_id(base_model) \
         else "the platform's base chat model" + (f" (`{base_model}`)" if base_model else "")
     snippet_base = base_model if is_hub_model_id(base_model) else "<base model id or path>"
+    gate_id = meta.get("gate_decision_id")
+    lineage = [("DAG run id (Airflow)", meta.get("run_id")), ("gate decision id", gate_id),
+               ("model registry version", version), ("data snapshot", snapshot_id), ("Hub tag", tag)]
+    lineage_lines = [f"| {name} | `{_cell(value)}` |" if value not in (None, "") else f"| {name} | not recorded |"
+                     for name, value in lineage]
     system_prompt = meta.get("system_prompt") or ("You are a helpful, polite customer-support assistant for an "
                                                   "online store.")
 
@@ -132,6 +140,7 @@ def model_card(meta: dict) -> str:
         front_matter=header,
         title=model_name,
         version=version,
+        tag=tag,
         repo_id=repo_id,
         base_text=base_text,
         snapshot_id=snapshot_id,
@@ -143,6 +152,7 @@ def model_card(meta: dict) -> str:
                                 eval_lines, "No evaluation metrics were recorded."),
         champion_note="" if champion else "There was no champion to compare with (first release).\n\n",
         gate=gate,
+        lineage_table="\n".join(["| lineage | value |", "|---|---|", *lineage_lines]),
         snippet_base=snippet_base,
         system_prompt_json=json.dumps(system_prompt),
     )

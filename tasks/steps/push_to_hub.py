@@ -44,6 +44,7 @@ def release_meta(ctx: StepContext, version: str) -> dict:
              cfg.training.learning_rate, "training.epochs": cfg.training.epochs, "training.batch_size":
              cfg.training.batch_size, "quantization": cfg.lora.quantization, **best}
     return {"repo_id": cfg.release.hub_repo_id, "base_model": cfg.model.base_model, "registry_version": version,
+            "run_id": ctx.run_id, "gate_decision_id": gate["id"],  # the lineage /api/model shows for this version
             "snapshot_id": rel["snapshot_id"], "private": cfg.release.hub_private,
             "rows": {k: snap[k] for k in ("rows_in", "rows_kept", "rows_quarantined", "n_train", "n_validation",
                                           "n_test")},
@@ -60,6 +61,8 @@ def record(ctx: StepContext, result: dict) -> None:
     values = ({"hub_repo": result["repo_id"], "hub_revision": result["revision"], "status": "pushed"}
               if result["status"] in ("pushed", "exists") else {"detail": f"hub push {result['status']}: "
                                                                           f"{result.get('reason', '')}"})
+    if result.get("note"):  # released under another tag than v<version>: say which and why
+        values["detail"] = f"hub push: {result['note']}"
     with db.engine().begin() as conn:
         conn.execute(update(schema.releases).where(schema.releases.c.run_id == ctx.run_id).values(**values))
 

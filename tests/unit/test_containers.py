@@ -23,6 +23,8 @@ from tests.conftest import REPO
 COMPOSE = REPO / "docker-compose.yaml"
 SECRET_KEYS = ("POSTGRES_PASSWORD", "S3_ACCESS_KEY", "S3_SECRET_KEY", "AIRFLOW_FERNET_KEY", "AIRFLOW_JWT_SECRET",
                "AIRFLOW_ADMIN_PASSWORD", "ECB_CHAT_ADMIN_TOKEN", "HF_TOKEN")
+# Set from the shell when images are built (make images), never in .env: a value written there once would go stale.
+BUILD_VARIABLES = {"GIT_COMMIT"}
 # `$$` is compose's escape for a literal `$`; `${NAME}`, `${NAME:-default}`, `${NAME:?error}` are interpolated.
 _INTERPOLATION = re.compile(r"\$\$|\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
 
@@ -93,7 +95,8 @@ def test_dependencies_exist_and_wait_for_health(compose):
 
 def test_every_variable_comes_from_env_example_which_holds_no_secret():
     env = env_example()
-    assert compose_variables() == set(env)  # nothing undefined, nothing stale
+    assert compose_variables() == set(env) | BUILD_VARIABLES  # nothing undefined, nothing stale
+    assert not BUILD_VARIABLES & set(env)
     assert {k: env[k] for k in SECRET_KEYS} == {k: ("" if k == "HF_TOKEN" else "change-me") for k in SECRET_KEYS}
     assert ".env" in (REPO / ".gitignore").read_text().splitlines()
     assert {".env", ".venv", ".ecb", ".git"} <= set((REPO / ".dockerignore").read_text().splitlines())
@@ -193,6 +196,39 @@ def test_worker_gives_step_containers_settings_that_resolve_in_the_stack(compose
     assert set(SECRET_ENV) - set(env) == {"HF_TOKEN"}  # empty in .env.example: the push step then skips
     for name in ("ECB_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "ECB_RESULTS_DB_URL", "ECB_OPTUNA_DB_URL"):
         assert urllib.parse.urlsplit(env[name]).hostname in services, name
+
+
+def test_every_gpu_image_build_records_the_commit_it_is_built_from(monkeypatch):
+    """GIT_COMMIT reaches Dockerfile.gpu's ARG -> ECB_GIT_COMMIT -> the registry's git_commit lineage tag."""
+    from tasks.release import registry
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    text = COMPOSE.read_text()
+    gpu_builds = {name: svc["build"] for name, svc in yaml.safe_load(interpolate(text, {**env_example(),
+                                                                                        "GIT_COMMIT": sha}))[
+        "services"].items() if svc.get("build", {}).get("dockerfile") == "Dockerfile.gpu"}
+    assert set(gpu_builds) == {"mlflow", "chat"}
+    assert {name: b.get("args", {}).get("GIT_COMMIT") for name, b in gpu_builds.items()} == dict.fromkeys(
+        gpu_builds, sha)
+    unset = yaml.safe_load(interpolate(text, env_example()))["services"]
+    assert {unset[name]["build"]["args"]["GIT_COMMIT"] for name in gpu_builds} == {"unknown"}  # the ARG's default
+    dockerfile = (REPO / "Dockerfile.gpu").read_text()
+    assert re.search(r"^ARG GIT_COMMIT=unknown$", dockerfile, re.M)
+    assert re.search(r"^ENV ECB_GIT_COMMIT=\$GIT_COMMIT$", dockerfile, re.M)
+    # the documented build (make images) passes this checkout's commit
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    build = subprocess.run(["make", "-n", "images"], cwd=REPO, capture_output=True, text=True,
+                           env={k: v for k, v in os.environ.items() if k != "GIT_COMMIT"})
+    assert build.returncode == 0 and build.stdout.strip() == f"GIT_COMMIT={head or 'unknown'} docker compose build"
+    header = text.split("\nname:")[0]  # the file's usage comment: every build command it shows sets GIT_COMMIT
+    builds = [line for line in header.splitlines() if "make images" in line or "--build" in line]
+    assert len(builds) == 2 and "GIT_COMMIT=$(git rev-parse HEAD) docker compose up -d --build" in builds[1]
+    # in the image there is no .git: the lineage tag is the build's commit even where git itself is installed
+    monkeypatch.setattr(registry.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 128, "", ""))
+    monkeypatch.setenv("ECB_GIT_COMMIT", sha)
+    assert registry.git_commit() == sha
+    monkeypatch.delenv("ECB_GIT_COMMIT")
+    assert registry.git_commit() == "unknown"
 
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile.gpu", "docker/Dockerfile"])

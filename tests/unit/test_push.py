@@ -4,12 +4,16 @@ The Hugging Face Hub cannot run offline, so the push is tested against a local e
 HF_ENDPOINT: a small in-memory server implementing the Hub HTTP API that huggingface_hub's HfApi uses (create_repo,
 refs, preupload, NDJSON commit, tags, tree, resolve). It checks the bearer token and records every request and the
 exact bytes of every committed file, so the tests assert what was sent. No S3 is needed: push_release reads a local
-adapter folder of small fake files, and run() gets its download step replaced.
+adapter folder of small fake files, and run() gets its download step replaced. A tag that already exists counts as
+this release only when its commit holds the same adapter bytes and lineage (ecb_release.json); the tests replay a
+model registry that was wiped and counts from 1 again.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
 import logging
 import shutil
 import tomllib
@@ -44,6 +48,8 @@ META = {
     "gate_summary": "Promoted: the weighted score rose by 0.0157 (95% CI 0.004..0.027), above the 0.005 margin.",
     "datasets": ["bitext/Bitext-customer-support-llm-chatbot-training-dataset"],
     "license": "apache-2.0",
+    "run_id": "manual__2026-12-01T10:00:00+00:00",
+    "gate_decision_id": 42,
 }
 ADAPTER_FILES = {
     "adapter_model.safetensors": bytes(range(256)) * 8,
@@ -53,6 +59,7 @@ ADAPTER_FILES = {
     "chat_template.jinja": b"{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}</s>\n{% endfor %}",
     "ecb_config.json": b'{"lora": {"r": 16}, "model": {"base_model": "TinyLlama/TinyLlama-1.1B-Chat-v1.0"}}',
 }
+RELEASE_FILES = set(ADAPTER_FILES) | {"README.md", "ecb_release.json"}
 CARD_METRIC_NAMES = {"BLEU-1": "bleu1", "BLEU-2": "bleu2", "BLEU-3": "bleu3", "BLEU-4": "bleu4",
                      "ROUGE-L precision": "rougeL_precision", "Weighted score": "weighted_score"}
 
@@ -62,6 +69,15 @@ def hub(monkeypatch):
     # tests/conftest.py sets HF_HUB_OFFLINE=1 (huggingface_hub reads it at import): allow the loopback server
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     with HubServer(token=TOKEN) as server:
+        yield server
+
+
+@pytest.fixture(params=["regular", "lfs"])
+def any_hub(request, monkeypatch):
+    """The hub twice: files listed as regular files (git blob ids), and safetensors listed as LFS (sha256)."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    lfs = (".safetensors",) if request.param == "lfs" else ()
+    with HubServer(token=TOKEN, lfs_suffixes=lfs) as server:
         yield server
 
 
@@ -89,15 +105,20 @@ def test_one_commit_holds_exactly_the_adapter_files_and_the_card(hub, adapter_di
 
     assert len(hub.commits) == 1
     commit = hub.commits[0]
-    assert set(commit["files"]) == set(ADAPTER_FILES) | {"README.md"}
+    assert set(commit["files"]) == RELEASE_FILES
     for name, data in ADAPTER_FILES.items():
         assert commit["files"][name] == data
     expected_card = model_card({**META, "repo_id": REPO, "registry_version": "3"})
     assert commit["files"]["README.md"].decode() == expected_card
+    # the lineage that tells this release from another one tagged v3 (e.g. before a model registry reset)
+    assert json.loads(commit["files"]["ecb_release.json"]) == {
+        "run_id": META["run_id"], "registry_version": "3", "snapshot_id": META["snapshot_id"],
+        "gate_decision_id": META["gate_decision_id"],
+        "adapter_sha256": {n: hashlib.sha256(d).hexdigest() for n, d in ADAPTER_FILES.items()}}
     assert commit["summary"] == "Release v3 (snapshot snap-20250101-abcdef)"
     assert commit["repo_id"] == REPO and commit["revision"] == "main"
     assert result == {"status": "pushed", "repo_id": REPO, "revision": commit["oid"], "tag": "v3",
-                      "files": sorted(set(ADAPTER_FILES) | {"README.md"})}
+                      "files": sorted(RELEASE_FILES)}
     # every file went up as a regular base64 file through the NDJSON commit: one preupload, one commit, one tag
     assert [r["action"] for r in hub.requests if r["action"] in ("preupload", "commit", "tag")] == \
         ["preupload", "commit", "tag"]
@@ -144,8 +165,7 @@ def test_tag_points_at_the_release_commit_and_files_download(hub, adapter_dir, t
     api = HfApi(endpoint=hub.url, token=TOKEN)
     tags = {t.name: t.target_commit for t in api.list_repo_refs(REPO).tags}
     assert tags == {"v3": hub.commits[0]["oid"]} and result["revision"] == tags["v3"]
-    assert sorted(api.list_repo_files(REPO, revision="v3")) == sorted(
-        set(ADAPTER_FILES) | {"README.md", ".gitattributes"})
+    assert sorted(api.list_repo_files(REPO, revision="v3")) == sorted(RELEASE_FILES | {".gitattributes"})
     path = hf_hub_download(REPO, "adapter_model.safetensors", revision="v3", endpoint=hub.url, token=TOKEN,
                            cache_dir=tmp_path / "hf-cache")
     assert Path(path).read_bytes() == ADAPTER_FILES["adapter_model.safetensors"]
@@ -313,3 +333,98 @@ def test_card_flattens_nested_hyperparameters():
                      "**Gate decision:** No gate decision was recorded for this release."):
         assert sentence in no_data
     assert "release v?" in no_data and 'from_pretrained("<base model id or path>")' in no_data
+
+
+NEW_WEIGHTS = b"retrained weights" * 20
+
+
+def test_a_tag_left_by_a_wiped_registry_is_not_taken_for_this_release(any_hub, adapter_dir, caplog):
+    """The model registry restarted at version 1: v1 on the Hub is another run's adapter. This release goes up under
+    its own tag v1-<8 hex>, and v1 keeps naming what people who pinned it downloaded."""
+    hub = any_hub
+    stale = push(adapter_dir, hub, version="1", meta={**META, "run_id": "old-run", "gate_decision_id": 7})
+    (adapter_dir / "adapter_model.safetensors").write_bytes(NEW_WEIGHTS)
+    caplog.set_level(logging.INFO, logger="tasks.release.hub")
+    result = push(adapter_dir, hub, version="1")
+
+    new_tag = hub_lib.alternate_tag("1", {"run_id": META["run_id"]})
+    assert new_tag.startswith("v1-") and len(new_tag) == len("v1-") + 8
+    assert result["status"] == "pushed" and result["tag"] == new_tag
+    assert len(hub.commits) == 2 and result["revision"] == hub.commits[1]["oid"] != stale["revision"]
+    assert {t: v["oid"] for t, v in hub.repos[REPO].tags.items()} == {"v1": stale["revision"],
+                                                                      new_tag: result["revision"]}
+    assert hub.files_at(REPO, new_tag)["adapter_model.safetensors"] == NEW_WEIGHTS
+    assert hub.files_at(REPO, "v1")["adapter_model.safetensors"] == ADAPTER_FILES["adapter_model.safetensors"]
+    assert json.loads(hub.files_at(REPO, new_tag)["ecb_release.json"])["run_id"] == META["run_id"]
+    card = hub.commits[1]["files"]["README.md"].decode()
+    assert f'revision="{new_tag}")' in card and f"Git tag of this release: `{new_tag}`." in card
+    note = result["note"]
+    assert note.startswith(f"released as {new_tag}: tag v1 on {REPO}") and stale["revision"] in note
+    assert "adapter_model.safetensors has other bytes" in note
+    assert f"run_id old-run (here {META['run_id']}), gate_decision_id 7 (here 42)" in note
+    assert "was the model registry reset?" in caplog.text
+
+    # a retry of the same release finds it under its own tag: nothing more is sent
+    before = len(hub.requests)
+    again = push(adapter_dir, hub, version="1")
+    assert (again["status"], again["tag"], again["revision"]) == ("exists", new_tag, result["revision"])
+    assert len(hub.commits) == 2
+    assert not {"preupload", "commit", "tag"} & {r["action"] for r in hub.requests[before:]}
+
+
+def test_same_adapter_from_another_run_is_another_release(hub, adapter_dir):
+    """Byte-identical weights (deterministic training on the same data) but another pipeline run and gate decision:
+    the lineage differs, so v3 is not reported as this release."""
+    first = push(adapter_dir, hub, meta={**META, "run_id": "scheduled__2026-11-01T00:00:00+00:00"})
+    result = push(adapter_dir, hub)
+
+    assert result["status"] == "pushed" and result["tag"] != "v3" and result["revision"] != first["revision"]
+    assert "ecb_release.json there names run_id scheduled__2026-11-01T00:00:00+00:00" in result["note"]
+    assert "adapter_model.safetensors" not in result["note"]  # the weights are the same
+
+
+def test_a_tag_pushed_before_lineage_files_is_judged_by_its_adapter(hub, adapter_dir):
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    api.create_repo(REPO)
+    legacy = api.create_commit(REPO, [huggingface_hub.CommitOperationAdd(n, d) for n, d in ADAPTER_FILES.items()],
+                               commit_message="Release v3 (snapshot snap-20250101-abcdef)")
+    api.create_tag(REPO, tag="v3", revision=legacy.oid)
+
+    same = push(adapter_dir, hub)  # the same adapter bytes: it is this release, nothing is sent
+    assert (same["status"], same["tag"], same["revision"]) == ("exists", "v3", legacy.oid) and "note" not in same
+    assert len(hub.commits) == 1
+
+    (adapter_dir / "adapter_model.safetensors").write_bytes(NEW_WEIGHTS)
+    other = push(adapter_dir, hub)
+    assert other["status"] == "pushed" and other["tag"].startswith("v3-") and len(hub.commits) == 2
+    assert hub.repos[REPO].tags["v3"]["oid"] == legacy.oid
+
+
+def test_both_tags_on_other_content_fail_closed_and_say_how_to_resolve(hub, adapter_dir):
+    stale = push(adapter_dir, hub, version="1", meta={**META, "run_id": "old-run"})
+    taken = hub_lib.alternate_tag("1", {"run_id": META["run_id"]})
+    HfApi(endpoint=hub.url, token=TOKEN).create_tag(REPO, tag=taken, revision=stale["revision"])
+    (adapter_dir / "adapter_model.safetensors").write_bytes(NEW_WEIGHTS)
+
+    with pytest.raises(StepError) as err:
+        push(adapter_dir, hub, version="1")
+    message = str(err.value)
+    assert f"cannot publish release v1 of run {META['run_id']}" in message
+    assert f"tag v1 on {REPO}" in message and f"tag {taken} on {REPO}" in message
+    assert "adapter_model.safetensors has other bytes" in message and "release.hub_repo_id" in message
+    assert len(hub.commits) == 1 and set(hub.repos[REPO].tags) == {"v1", taken}  # nothing sent, no tag moved
+
+
+def test_card_names_the_dag_run_and_the_gate_decision_shown_by_the_chat_service():
+    card = model_card({**META, "repo_id": REPO, "registry_version": "3"})
+    lineage = card.split("## Lineage\n", 1)[1].split("\n## ", 1)[0]
+    assert "`lineage.dag_run_id`" in lineage and "`lineage.gate_decision.id`" in lineage
+    assert "| lineage | value |\n|---|---|\n" \
+           "| DAG run id (Airflow) | `manual__2026-12-01T10:00:00+00:00` |\n" \
+           "| gate decision id | `42` |\n" \
+           "| model registry version | `3` |\n" \
+           "| data snapshot | `snap-20250101-abcdef` |\n" \
+           "| Hub tag | `v3` |\n" in lineage
+    assert card == model_card({**META, "repo_id": REPO, "registry_version": "3"})  # deterministic
+    unknown = model_card({"repo_id": REPO, "registry_version": "3"})
+    assert "| DAG run id (Airflow) | not recorded |" in unknown and "| gate decision id | not recorded |" in unknown
