@@ -79,6 +79,9 @@ class DataConfig:
     max_rows: int = opt(0, "Keep at most this many rows after cleaning (0 = all); sampled per intent, seeded.",
                         minimum=0, param=True)
     seed: int = opt(42, "Seed for splitting and sampling; part of the snapshot id.")
+    include_feedback: bool = opt(False, "Rated chat replies become data: thumbs-up ones (with their user turn) are "
+                                        "added to the train split, thumbs-down ones go to review.jsonl and to the "
+                                        "held-out live eval set live.jsonl of the snapshot (tasks/data/feedback.py).")
 
 
 @dataclass
@@ -161,7 +164,8 @@ class HpoConfig:
 class EvalConfig:
     max_new_tokens: int = opt(160, "Tokens generated per answer (greedy).", minimum=1, maximum=4096)
     batch_size: int = opt(32, "Prompts per generation batch (left-padded, sorted by length).", minimum=1)
-    max_examples: int = opt(0, "Score at most this many test conversations (0 = all).", minimum=0)
+    max_examples: int = opt(0, "Score at most this many conversations of the test split and of the live set "
+                               "(0 = all).", minimum=0)
     weights: dict = opt({"bleu1": 0.10, "bleu2": 0.15, "bleu3": 0.25, "bleu4": 0.40, "rougeL_precision": 0.10},
                         "Weights of the weighted score (the seed project's: BLEU-1..4 and ROUGE-L precision).")
 
@@ -179,6 +183,18 @@ class GateConfig:
                                    minimum=100)
     bootstrap_seed: int = opt(0, "Seed of the paired bootstrap (the same evaluations always give the same interval).",
                               minimum=0)
+    require_approval: bool = opt(False, "A person approves every release in Airflow (the approve_release task) "
+                                        "before it is registered. Without it a person is asked only when the gate "
+                                        "releases on a delta whose bootstrap 95% CI includes 0.", param=True)
+    approval_timeout_s: int = opt(24 * 3600, "How long the approval waits for an answer; none in time = not released "
+                                             "(read when the DAG file is parsed).", minimum=1)
+    live_policy: str = opt("report", "What the live set (prompts whose reply got a thumbs-down) does in the gate: "
+                                     "report = a table row and a note only; block = also block a candidate whose "
+                                     "answers are closer to the rejected replies than the champion's by more than "
+                                     "live_max_increase.", choices=("report", "block"))
+    live_max_increase: float = opt(0.05, "With live_policy=block: allowed rise of the candidate's similarity to the "
+                                         "rejected replies (ROUGE-L F1, 0..1) over the champion's.", minimum=0.0)
+    live_min_examples: int = opt(5, "A live set with fewer prompts is reported but never blocks.", minimum=1)
 
 
 @dataclass
@@ -186,11 +202,42 @@ class ReleaseConfig:
     registered_model: str = opt("ecommerce-chatbot", "MLflow registered model name.")
     hub_repo_id: str = opt("ecb/ecommerce-support-chatbot", "Hugging Face Hub repository for releases.")
     hub_private: bool = opt(True, "Create the Hub repository as private.")
+    canary_share: float = opt(0.0, "Share of new conversations the chat service gives a new release (registry alias "
+                                   "candidate) beside the champion until the canary verdict promotes or rolls it back; "
+                                   "0 = no canary: a release replaces the champion at once.",
+                              minimum=0.0, maximum=1.0, param=True)
+    canary_min_messages: int = opt(200, "Candidate replies the canary verdict waits for (or canary_timeout_s).",
+                                   minimum=1, param=True)
+    canary_timeout_s: int = opt(6 * 3600, "Longest canary: the verdict is given then with the replies there are; "
+                                          "fewer than canary_min_messages candidate replies -> rollback.", minimum=10)
+    canary_poll_s: int = opt(60, "Seconds between two looks at the canary's reply count; the waiting task is "
+                                 "rescheduled in between and holds no worker slot (read when the DAG file is parsed).",
+                             minimum=1)
+    canary_confidence: float = opt(0.95, "Confidence of the intervals of the canary's rate differences "
+                                         "(candidate - champion).", minimum=0.5, maximum=0.999)
+    canary_max_error_increase: float = opt(0.0, "Roll back when the lower bound of the interval of the error/timeout "
+                                                "rate difference (candidate - champion) is above this.",
+                                           minimum=0.0, maximum=1.0)
+    canary_max_thumbs_down_increase: float = opt(0.0, "Roll back when the lower bound of the interval of the "
+                                                      "thumbs-down rate difference (among rated replies) is above "
+                                                      "this.", minimum=0.0, maximum=1.0)
+    canary_max_bad_reply_increase: float = opt(0.0, "Roll back when the lower bound of the interval of the difference "
+                                                    "in empty or over-length (cut at max_new_tokens) replies is above "
+                                                    "this.", minimum=0.0, maximum=1.0)
+    canary_max_latency_ratio: float = opt(1.5, "Roll back when the candidate's p95 reply latency is above the "
+                                               "champion's times this.", minimum=1.0)
 
 
 @dataclass
 class PipelineConfig:
-    schedule: str = opt("@daily", "Cron or preset for nightly retraining (read when the DAG file is parsed).")
+    schedule: str = opt("@daily", "Cron or preset for nightly retraining (read when the DAG file is parsed); new raw "
+                                  "data in data.source starts a run too; '' = no nightly run.")
+    landing_check_s: int = opt(300, "Seconds between two listings of data.source by the landing watcher DAG, which "
+                                    "emits an asset event (starting a training run) when the listing changed; "
+                                    "0 = no polling (read when the DAG file is parsed).", minimum=0)
+    landing_queue_url: str = opt("", "SQS queue receiving the S3 event notifications of data.source: when set, an "
+                                     "AssetWatcher on the triggerer turns each message into a landing asset event "
+                                     "and the watcher DAG stops polling.")
     retries: int = opt(2, "Airflow retries per task; a retry resumes from what the step already wrote.",
                        minimum=0, maximum=10)
     retry_delay_s: int = opt(30, "First retry delay in seconds (doubles each retry).", minimum=1)

@@ -13,16 +13,23 @@ The gate fails closed. Rules, in this order:
 3. ``force_deploy`` releases (``forced=True``); the decision the gate would have made otherwise is computed first
    and reported in the reasons and the summary.
 4. No champion: the candidate is released as the first model.
-5. A champion evaluated on another snapshot (or on a different number of examples) blocks: the caller must
-   re-evaluate the champion on the candidate's snapshot first. A champion with missing / NaN metrics blocks.
+5. A champion evaluated on another snapshot (or on a different number of examples, or with other evaluation
+   settings such as max_new_tokens, when both evaluations record theirs) blocks: the caller must re-evaluate the
+   champion on the candidate's snapshot and settings first (tasks/ml/evaluation.py does: it reuses a stored
+   evaluation only when its settings match). A champion with missing / NaN metrics blocks.
 6. The weighted improvement ``delta`` must be strictly above ``min_improvement_threshold`` (differences below
    ``EPS`` count as equal, so "+0.0010 vs threshold 0.0010" never releases because of float noise).
 7. A paired bootstrap (``tasks.ml.metrics.paired_bootstrap``) gives the 95% CI of delta when both evaluations carry
    outputs and the same references; with ``require_significance`` a CI low end <= 0, or no CI at all, blocks.
 8. Per-intent guard: an intent present in both evaluations with at least ``min_intent_examples`` examples whose
    weighted score dropped by more than ``max_intent_regression`` blocks.
+9. Live set (snapshots made with data.include_feedback: prompts whose chat reply got a thumbs-down): the table
+   shows how close each model's answers stay to the rejected replies (``rejected_similarity``, lower is better)
+   and how often they repeat them verbatim. With ``live_policy=report`` (the default) it is a note only; with
+   ``block`` a candidate whose similarity rises by more than ``live_max_increase`` over the champion's, on a live
+   set of at least ``live_min_examples`` prompts, is blocked.
 
-Rules 1-2 and 5 are hard stops; among rules 6-8 every blocking reason is collected, so a person sees everything
+Rules 1-2 and 5 are hard stops; among rules 6-9 every blocking reason is collected, so a person sees everything
 wrong at once. Weighted scores are recomputed from ``scores`` with the gate's ``weights`` so both models are weighed
 alike; a stored ``weighted_score`` that disagrees (evaluated under other weights) is reported as a note.
 """
@@ -52,6 +59,18 @@ class Evaluation:
     per_intent: dict[str, dict] = field(default_factory=dict)  # {intent: {"n", "weighted_score", metrics...}}
     outputs: list[str] | None = None  # hypotheses in example order (for the paired bootstrap)
     references: list[str] | None = None
+    settings: dict | None = None  # the evaluation settings it was made with (None: not recorded)
+
+
+@dataclass
+class LiveEvaluation:
+    """One model's answers to the live set, compared with the replies users rejected (lower is better)."""
+
+    model_ref: str
+    n: int
+    rejected_similarity: float | None  # mean ROUGE-L F1 against the rejected reply, 0..1
+    repeat_rate: float | None  # share of answers that repeat the rejected reply verbatim
+    per_version: dict[str, dict] = field(default_factory=dict)  # {model version that was rated: {n, ...}}
 
 
 @dataclass
@@ -73,6 +92,7 @@ class Decision:
     champion_score: float | None = None
     p_value: float | None = None  # bootstrap share of resampled deltas <= 0
     n_resamples: int | None = None
+    live: dict = field(default_factory=dict)  # the live set's numbers (rule 9), empty without a live evaluation
 
     def to_dict(self) -> dict:
         """JSON-serialisable (XCom, database rows)."""
@@ -221,7 +241,8 @@ class _Verdict:
 
 def decide(candidate: Evaluation | None, champion: Evaluation | None, weights: Mapping,
            settings: GateConfig | None = None, registry_error: str | None = None,
-           force_deploy: bool = False) -> Decision:
+           force_deploy: bool = False, candidate_live: LiveEvaluation | None = None,
+           champion_live: LiveEvaluation | None = None) -> Decision:
     """Apply the gate rules (see the module docstring) and return the decision with its table."""
     settings = settings or GateConfig()
     threshold = settings.min_improvement_threshold
@@ -253,6 +274,7 @@ def decide(candidate: Evaluation | None, champion: Evaluation | None, weights: M
     v.blocking += cand_problems
     if candidate is not None and not wp:
         d.candidate_score = _weighted(candidate.scores, weights)
+    d.live = _live_numbers(candidate_live, champion_live, settings)
 
     if v.blocking:
         v.hard_stop = True
@@ -261,6 +283,7 @@ def decide(candidate: Evaluation | None, champion: Evaluation | None, weights: M
         checks["champion_present"] = False
         v.release = True
         v.passing.append("first model: no champion to beat")
+        _live_rule(d.live, settings, v, checks)  # a note only: no champion answers to compare with
     else:
         checks["champion_present"] = True
         _compare(candidate, champion, weights, settings, d, v, checks)
@@ -306,6 +329,10 @@ def _compare(cand: Evaluation, champ: Evaluation, weights: Mapping, settings: Ga
                     f"{cand.n}; re-evaluate the champion on the same examples first")
     else:
         checks["same_examples"] = True
+        if changed := _settings_diff(cand.settings, champ.settings):
+            checks["same_settings"] = False
+            hard.append(f"unfair comparison: the champion was evaluated with other settings ({changed}); "
+                        f"re-evaluate the champion with the candidate's settings first")
     champ_problems = _metric_problems(champ, weights, "champion")
     checks["champion_valid"] = not champ_problems
     hard += [p + " (fail closed)" for p in champ_problems]
@@ -379,7 +406,69 @@ def _compare(cand: Evaluation, champ: Evaluation, weights: Mapping, settings: Ga
                      for i, drop, cs, hs, n in regressions]
             v.blocking.append(f"per-intent regression beyond the allowed {settings.max_intent_regression:.4f}: "
                               + ", ".join(parts))
+    _live_rule(d.live, settings, v, checks)
     v.release = not v.blocking
+
+
+def _settings_diff(cand: Mapping | None, champ: Mapping | None) -> str:
+    """'max_new_tokens: champion 24, candidate 8' for every differing setting; '' when equal or not recorded."""
+    if not isinstance(cand, Mapping) or not isinstance(champ, Mapping):
+        return ""
+    return ", ".join(f"{k}: champion {champ.get(k)!r}, candidate {cand.get(k)!r}"
+                     for k in sorted(set(cand) | set(champ), key=str) if cand.get(k) != champ.get(k))
+
+
+def _live_numbers(cand: LiveEvaluation | None, champ: LiveEvaluation | None, settings: GateConfig) -> dict:
+    if cand is None:
+        return {}
+    c, h = _num(cand.rejected_similarity), _num(champ.rejected_similarity) if champ is not None else None
+    comparable = champ is not None and champ.n == cand.n and c is not None and h is not None
+    return {"n": cand.n, "policy": settings.live_policy, "candidate": c, "champion": h,
+            "candidate_repeat_rate": _num(cand.repeat_rate),
+            "champion_repeat_rate": _num(champ.repeat_rate) if champ is not None else None,
+            "champion_n": champ.n if champ is not None else None, "delta": c - h if comparable else None}
+
+
+def _live_rule(live: dict, settings: GateConfig, v: _Verdict, checks: dict[str, bool]) -> None:
+    """Rule 9. Report-only by default, on purpose: the live set is small and self-selected (only replies someone
+    rated, first turns only), and closeness to a rejected reply is a proxy -- a right answer can share most words
+    with one rejected for a single wrong detail. Let it block (live_policy=block) once its numbers have been seen
+    to follow real quality."""
+    if not live:
+        return
+    where = f"live set ({live['n']} prompts whose chat reply got a thumbs-down)"
+    if live["candidate"] is None:
+        v.notes.append(f"note: {where}: the candidate's live evaluation has no similarity score")
+        return
+    mine = (f"candidate similarity to the rejected replies {live['candidate']:.4f}, "
+            f"{_pct(live['candidate_repeat_rate'])} repeated verbatim")
+    if live["delta"] is None:
+        why = ("no champion live evaluation to compare with" if live["champion_n"] is None
+               else f"not compared with the champion's live evaluation ({live['champion_n']} prompts, similarity "
+                    f"{_fmt(live['champion'])})")
+        v.notes.append(f"note: {where}: {mine}; {why}")
+        return
+    delta, allowed = live["delta"], settings.live_max_increase
+    rises = delta - allowed > EPS
+    checks["live_no_regression"] = not rises
+    text = (f"{where}: similarity to the rejected replies {live['candidate']:.4f} vs champion {live['champion']:.4f} "
+            f"({delta:+.4f}), repeated verbatim {_pct(live['candidate_repeat_rate'])} vs "
+            f"{_pct(live['champion_repeat_rate'])}")
+    if rises and settings.live_policy == "block" and live["n"] >= settings.live_min_examples:
+        v.blocking.append(f"{text}: rises by more than the allowed {allowed:.4f} (gate.live_policy=block)")
+        return
+    if settings.live_policy == "report":
+        why = "reported only (gate.live_policy=report)"
+    elif live["n"] < settings.live_min_examples:
+        why = f"not checked: fewer than {settings.live_min_examples} prompts (live_min_examples)"
+    else:
+        why = f"within the allowed rise of {allowed:.4f}"
+    v.notes.append(f"note: {text}; {why}")
+
+
+def _pct(x: Any) -> str:
+    value = _num(x)
+    return "n/a" if value is None else f"{value:.0%}"
 
 
 def _summary(cand: Evaluation | None, d: Decision, v: _Verdict, force_deploy: bool) -> str:
@@ -438,8 +527,9 @@ def render_table(candidate: Evaluation | None, champion: Evaluation | None, weig
     w_tot = sum(_num(w) or 0.0 for w in weights.values())
     rows.append(["TOTAL", _fmt(w_tot), _fmt(c_tot), _fmt(h_tot), _sfmt(t_delta),
                  _fmt(c_tot) if champion is None else _sfmt(t_delta)])
+    live_rows = _live_rows(decision.live)
 
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    widths = [max(len(r[i]) for r in [header, *rows, *live_rows]) for i in range(len(header))]
 
     def line(cells: Sequence[str]) -> str:
         first = cells[0].ljust(widths[0])
@@ -447,7 +537,12 @@ def render_table(candidate: Evaluation | None, champion: Evaluation | None, weig
 
     out = [line(header), "-+-".join("-" * wd for wd in widths)]
     out += [line(r) for r in rows[:-1]]
-    out += ["-+-".join("-" * wd for wd in widths), line(rows[-1]), ""]
+    out += ["-+-".join("-" * wd for wd in widths), line(rows[-1])]
+    if live_rows:
+        out += ["-+-".join("-" * wd for wd in widths), *(line(r) for r in live_rows)]
+        out.append(f"live set: {decision.live['n']} prompts whose chat reply got a thumbs-down; lower = further from "
+                   f"the rejected replies (gate.live_policy={decision.live['policy']})")
+    out.append("")
 
     if decision.ci_low is not None and decision.ci_high is not None:
         out.append(f"delta 95% CI [{decision.ci_low:+.4f}, {decision.ci_high:+.4f}] "
@@ -465,3 +560,14 @@ def render_table(candidate: Evaluation | None, champion: Evaluation | None, weig
         out.append("  (none)")
     out.append(f"DECISION: {decision.summary}")
     return "\n".join(out)
+
+
+def _live_rows(live: dict) -> list[list[str]]:
+    """The live set's two table rows (rule 9): similarity to the rejected replies and the verbatim repeat rate."""
+    if not live:
+        return []
+    c_rep, h_rep = live["candidate_repeat_rate"], live["champion_repeat_rate"]
+    rep_delta = c_rep - h_rep if live["delta"] is not None and c_rep is not None and h_rep is not None else None
+    return [["live similarity", live["policy"], _fmt(live["candidate"]), _fmt(live["champion"]), _sfmt(live["delta"]),
+             "n/a"],
+            ["live repeats", "report", _fmt(c_rep), _fmt(h_rep), _sfmt(rep_delta), "n/a"]]

@@ -4,9 +4,12 @@
 
 The prompt is built by the tokenizer's chat template; decoding is greedy, so the same model and split always give
 the same outputs and scores. The adapter is merged into the base weights before generation (faster, identical).
-An evaluation is stored per (model, snapshot): the champion's stored evaluation is reused when it was made on this
-snapshot, otherwise the champion is evaluated now. Rows go to Postgres `evaluations`, outputs to S3, metrics and a
-sample table to MLflow.
+An evaluation is stored per (model, snapshot, split): the champion's stored evaluation is reused when it was made on
+this snapshot with the same evaluation settings (example cap, max_new_tokens, ...; see tasks/ml/evaluation.py),
+otherwise the champion is evaluated now and its row replaced. A snapshot made with data.include_feedback also has a
+live set (prompts whose chat reply got a thumbs-down): both models answer it again and the gate reports how close
+they stay to the rejected replies. Rows go to Postgres `evaluations`, outputs to S3, metrics and a sample table to
+MLflow.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import logging
 
 from tasks.context import StepContext
-from tasks.ml.evaluation import evaluate_model, summary
+from tasks.ml.evaluation import evaluate_model, live_summary, summary
 from tasks.release import registry
 
 log = logging.getLogger("tasks.steps.evaluate")
@@ -25,7 +28,7 @@ def run(ctx: StepContext) -> dict:
     snapshot_uri, adapter_uri = ctx.require_input("snapshot_uri"), ctx.require_input("adapter_uri")
     candidate = evaluate_model(ctx, f"run:{ctx.run_id}", snapshot_uri, adapter_uri, cfg.model.base_model,
                                ctx.inputs.get("mlflow_run_id"))
-    champ, registry_error = None, None
+    champ, registry_error = {"test": None, "live": None}, None
     try:
         info = registry.champion(cfg.release.registered_model)
     except registry.RegistryUnavailable as exc:
@@ -39,5 +42,6 @@ def run(ctx: StepContext) -> dict:
                                aliases=(f"run:{info['run_id']}",))
     elif not registry_error:
         log.info("no champion in the registry yet: this candidate would be the first release")
-    return {"candidate": summary(candidate), "champion": summary(champ), "registry_error": registry_error,
-            "champion_version": info and info["version"]}
+    return {"candidate": summary(candidate["test"]), "champion": summary(champ["test"]),
+            "registry_error": registry_error, "champion_version": info and info["version"],
+            "candidate_live": live_summary(candidate["live"]), "champion_live": live_summary(champ["live"])}

@@ -3,8 +3,9 @@
     python -m tasks quality_gate --run-id R --input evaluation='<evaluate manifest JSON>' [--input force_deploy=true]
 
 Prints the comparison table (metric | weight | candidate | champion | delta | weighted contribution, the total with
-its bootstrap interval, the threshold, the intents that moved most) and the decision in one sentence, records the
-decision in Postgres `gate_decisions`, and returns {"release": bool, ...} for the branch operator.
+its bootstrap interval, the live set's rows when the snapshot has one, the threshold, the intents that moved most)
+and the decision in one sentence, records the decision in Postgres `gate_decisions`, and returns
+{"release": bool, ...} for the branch operator.
 Fails closed: anything missing, NaN, too small or unreachable means no release, with the reason.
 """
 
@@ -20,8 +21,10 @@ from tasks.release import gate
 log = logging.getLogger("tasks.steps.quality_gate")
 
 
-def load_evaluation(summary: dict | None) -> gate.Evaluation | None:
-    """The full evaluation (scores, per-intent, outputs in example order) behind an evaluate-manifest summary."""
+STORED_WITH_SCORES = ("eval_settings", "model")  # kept in the metrics JSON by tasks.ml.evaluation; not metrics
+
+
+def evaluation_row(summary: dict | None) -> dict | None:
     if not summary:
         return None
     from sqlalchemy import select
@@ -31,13 +34,30 @@ def load_evaluation(summary: dict | None) -> gate.Evaluation | None:
     with db.engine().connect() as conn:
         row = conn.execute(select(schema.evaluations).where(schema.evaluations.c.id == summary["eval_id"])) \
             .mappings().first()
-    if row is None:
+    return dict(row) if row else None
+
+
+def load_evaluation(summary: dict | None) -> gate.Evaluation | None:
+    """The full evaluation (scores, per-intent, outputs in example order) behind an evaluate-manifest summary."""
+    if (row := evaluation_row(summary)) is None:
         return None
     outputs = [json.loads(line) for line in s3.get_bytes(row["outputs_uri"]).decode().splitlines() if line.strip()]
+    metrics = row["metrics"] or {}
     return gate.Evaluation(model_ref=row["model_ref"], snapshot_id=row["snapshot_id"], n=row["n_examples"],
-                           scores=row["metrics"], weighted_score=row["weighted_score"],
-                           per_intent=row["per_intent"] or {}, outputs=[o["output"] for o in outputs],
-                           references=[o["reference"] for o in outputs])
+                           scores={k: v for k, v in metrics.items() if k not in STORED_WITH_SCORES},
+                           weighted_score=row["weighted_score"], per_intent=row["per_intent"] or {},
+                           outputs=[o["output"] for o in outputs], references=[o["reference"] for o in outputs],
+                           settings=metrics.get("eval_settings"))
+
+
+def load_live(summary: dict | None) -> gate.LiveEvaluation | None:
+    """A model's live-set evaluation (evaluate manifest's candidate_live / champion_live), None without one."""
+    if (row := evaluation_row(summary)) is None:
+        return None
+    m = row["metrics"] or {}
+    return gate.LiveEvaluation(model_ref=row["model_ref"], n=row["n_examples"],
+                               rejected_similarity=m.get("rejected_similarity"), repeat_rate=m.get("repeat_rate"),
+                               per_version=m.get("per_version") or {})
 
 
 def record(ctx: StepContext, decision: gate.Decision, ev: dict) -> int:
@@ -62,7 +82,8 @@ def run(ctx: StepContext) -> dict:
     force = ctx.inputs.get("force_deploy", "false").lower() == "true"
     candidate, champion = load_evaluation(ev.get("candidate")), load_evaluation(ev.get("champion"))
     decision = gate.decide(candidate, champion, cfg.eval.weights, cfg.gate, registry_error=ev.get("registry_error"),
-                           force_deploy=force)
+                           force_deploy=force, candidate_live=load_live(ev.get("candidate_live")),
+                           champion_live=load_live(ev.get("champion_live")))
     for line in decision.table.splitlines():
         log.info("%s", line)
     if decision.forced:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 
 from tasks.config import ConfigError, EvalConfig, GateConfig, load_config
 from tasks.ml import metrics
-from tasks.release.gate import Decision, Evaluation, decide, render_table
+from tasks.release.gate import Decision, Evaluation, LiveEvaluation, decide, render_table
 
 WEIGHTS = EvalConfig().weights  # bleu1..4 + rougeL_precision, summing to 1.0
 REPO = Path(__file__).resolve().parents[2]
@@ -301,3 +302,80 @@ def test_module_imports_no_heavy_packages():
     code = ("import sys, tasks.release.gate; heavy = [m for m in ('numpy', 'torch', 'mlflow', 'airflow', 'sacrebleu') "
             "if m in sys.modules]; assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+# ------------------------------------------------------------------------------------- evaluation settings
+
+
+def test_champion_evaluated_with_other_settings_blocks_as_unfair():
+    settings = {"max_examples": 30, "max_new_tokens": 24, "dtype": "float32"}
+    cand = dataclasses.replace(ev(0.42), settings=settings)
+    cham = dataclasses.replace(champ(0.40), settings={**settings, "max_new_tokens": 160})
+    d = decide(cand, cham, WEIGHTS, GateConfig())
+    assert not d.release and d.checks["same_settings"] is False and d.delta is None
+    assert any("evaluated with other settings (max_new_tokens: champion 160, candidate 24)" in r for r in d.reasons)
+    # equal settings, or settings not recorded on one side (rows made before they were): compared as before
+    assert decide(cand, dataclasses.replace(champ(0.40), settings=dict(settings)), WEIGHTS, GateConfig()).release
+    assert decide(cand, champ(0.40), WEIGHTS, GateConfig()).release
+
+
+# ----------------------------------------------------------------------------------------------- live set
+
+
+def live(similarity: float, n: int = 8, repeat: float = 0.25, ref: str = "runs/cand") -> LiveEvaluation:
+    return LiveEvaluation(model_ref=ref, n=n, rejected_similarity=similarity, repeat_rate=repeat)
+
+
+def test_live_set_is_reported_in_the_table_and_does_not_block_by_default():
+    d = decide(ev(0.42), champ(0.40), WEIGHTS, GateConfig(), candidate_live=live(0.70, repeat=0.5),
+               champion_live=live(0.30, repeat=0.125, ref="models:/ecb-chatbot/3"))
+    assert d.release and d.checks["live_no_regression"] is False
+    (note,) = [r for r in d.reasons if "live set" in r]
+    assert note == ("note: live set (8 prompts whose chat reply got a thumbs-down): similarity to the rejected replies "
+                    "0.7000 vs champion 0.3000 (+0.4000), repeated verbatim 50% vs 12%; reported only "
+                    "(gate.live_policy=report)")
+    lines = d.table.splitlines()
+    (sim,) = [ln for ln in lines if ln.startswith("live similarity")]
+    assert [c.strip() for c in sim.split("|")] == ["live similarity", "report", "0.7000", "0.3000", "+0.4000", "n/a"]
+    (rep,) = [ln for ln in lines if ln.startswith("live repeats")]
+    assert [c.strip() for c in rep.split("|")] == ["live repeats", "report", "0.5000", "0.1250", "+0.3750", "n/a"]
+    assert "live set: 8 prompts whose chat reply got a thumbs-down; lower = further from the rejected replies " \
+           "(gate.live_policy=report)" in lines
+    assert len({len(ln) for ln in lines if "|" in ln}) == 1  # the live rows share the table's widths
+    assert lines[-1] == f"DECISION: {d.summary}"
+
+
+@pytest.mark.parametrize(("cand_sim", "n", "release", "expected"), [
+    (0.70, 8, False, "rises by more than the allowed 0.0500 (gate.live_policy=block)"),
+    (0.34, 8, True, "within the allowed rise of 0.0500"),
+    (0.70, 3, True, "not checked: fewer than 5 prompts (live_min_examples)"),
+])
+def test_live_policy_block_blocks_a_candidate_closer_to_the_rejected_replies(cand_sim, n, release, expected):
+    d = decide(ev(0.42), champ(0.40), WEIGHTS, GateConfig(live_policy="block"), candidate_live=live(cand_sim, n=n),
+               champion_live=live(0.30, n=n))
+    assert d.release is release, d.reasons
+    assert any(expected in r for r in d.reasons), d.reasons
+    forced = decide(ev(0.42), champ(0.40), WEIGHTS, GateConfig(live_policy="block"), force_deploy=True,
+                    candidate_live=live(cand_sim, n=n), champion_live=live(0.30, n=n))
+    assert forced.release and forced.forced  # like rules 6-8, force_deploy overrides it
+
+
+def test_live_set_without_a_champion_live_evaluation_is_a_note():
+    d = decide(ev(0.40), None, WEIGHTS, GateConfig(live_policy="block"), candidate_live=live(0.9))
+    assert d.release and "live_no_regression" not in d.checks
+    assert any("candidate similarity to the rejected replies 0.9000, 25% repeated verbatim; no champion live "
+               "evaluation to compare with" in r for r in d.reasons)
+    (sim,) = [ln for ln in d.table.splitlines() if ln.startswith("live similarity")]
+    assert [c.strip() for c in sim.split("|")][2:5] == ["0.9000", "n/a", "n/a"]
+    d = decide(ev(0.42), champ(0.40), WEIGHTS, GateConfig(live_policy="block"), candidate_live=live(0.9),
+               champion_live=live(0.1, n=4))  # another live set size: not compared, never blocks
+    assert d.release and any("not compared with the champion's live evaluation (4 prompts" in r for r in d.reasons)
+    assert "live" not in decide(ev(0.42), champ(0.40), WEIGHTS, GateConfig()).table  # no live set: no rows
+
+
+def test_live_settings_are_config_fields():
+    s = load_config(None, {"gate.live_policy": "block", "gate.live_max_increase": 0.1}).gate
+    assert (s.live_policy, s.live_max_increase, s.live_min_examples) == ("block", 0.1, 5)
+    assert GateConfig().live_policy == "report"
+    with pytest.raises(ConfigError, match="'gate.live_policy': 'warn' is not one of"):
+        load_config(None, {"gate.live_policy": "warn"})
