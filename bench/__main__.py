@@ -2,14 +2,16 @@
 
     python -m bench train   [--device auto|cpu|cuda] [--quick]   # fine-tune: seed recipe vs the step's path
     python -m bench eval    [--examples N] [--model DIR]         # seed eval loop vs the evaluate step's path
+    python -m bench hpo                                           # HPO trials' wall time, median pruner vs none
     python -m bench chat    [...]                                 # the chat service over HTTP (bench/chat.py)
     python -m bench dag                                           # DAG file parse time
     python -m bench quality --snapshot-uri S --adapter-uri A      # base vs fine-tuned BLEU on a test split
-    python -m bench all                                           # train + eval + dag + chat
+    python -m bench all                                           # train + eval + hpo + dag + chat
 
-Tables go to stdout (Markdown), results to <--out, default bench/out>/<suite>.json. On CPU every suite runs its
-quick sizes (`make bench`: a few minutes on 2 cores); on CUDA `--quick` shortens the runs. Timings belong here,
-not in tests. bench/gpu.sh runs the GPU suites in one call.
+Tables go to stdout (Markdown), results to <--out, default bench/out>/<suite>.json, rewritten after every recipe or
+part of a suite ("complete": false until the suite has finished). On CPU every suite runs its quick sizes; on CUDA
+`--quick` shortens the runs; `--smoke` (CPU) runs every code path at the tiny model's size. Timings belong here,
+not in tests. bench/gpu.sh runs the GPU suites in one call (`make bench`: the same script on CPU).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import copy
 import importlib
 import logging
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -27,6 +30,7 @@ import time
 from pathlib import Path
 
 from bench.common import (
+    Budget,
     conversations,
     device_name,
     free_memory,
@@ -43,10 +47,12 @@ OUT = REPO / "bench" / "out"
 
 
 def suite_eval(args) -> dict:
-    """The seed loop (one at a time, right-padded to 512, sampled, 150 new tokens, unmerged adapter) against the
-    evaluate step's path (generation.generate_batched on the merged model, the step's eval.batch_size), on the same
-    examples (the seed loop times the first few), same weights and dtype, and the check that the step's greedy
-    outputs equal one-at-a-time greedy outputs (generation.generate_one_at_a_time's ids)."""
+    """The seed loop (one at a time, right-padded to 512, sampled, 150 new tokens forced, unmerged adapter) against
+    the evaluate step's path (generation.generate_batched on the merged model, the step's eval.batch_size, stops at
+    EOS), on the same examples (the seed loop times the first few), same weights and dtype, and the check that the
+    step's greedy outputs equal one-at-a-time greedy outputs (generation.generate_one_at_a_time's ids). Each path
+    is warmed up by one untimed call first; examples/s and generated tokens/s are both reported, since the seed
+    loop always makes 150 tokens and the step stops at each answer's end. The JSON is rewritten after every part."""
     import torch
 
     from bench import seed as seed_recipe
@@ -54,16 +60,17 @@ def suite_eval(args) -> dict:
     from tasks.ml import generation, models
     from tasks.ml.training import device_and_dtype
 
-    device = args.device
-    gpu = device == "cuda"
-    n_examples = args.examples or (64 if gpu and not args.quick else 32)
+    device, budget, save = args.device, args.budget, args.save
+    gpu, smoke = device == "cuda", args.smoke
+    n_examples = args.examples or (64 if gpu and not args.quick else 8 if smoke else 32)
     # The seed loop costs the same for every example (150 tokens after a 512-token prompt; ~7 s each on an H100),
     # so a few examples time it. The identity check decodes one at a time as well (greedy decoding is
-    # prefix-consistent, so --ref-tokens below max_new_tokens compares a prefix).
-    n_seed = min(n_examples, args.seed_examples or 4)
-    n_ref = min(n_examples, args.ref_examples or 8)
-    ref_tokens = min(args.max_new_tokens, args.ref_tokens or args.max_new_tokens)
-    base, model_desc = (args.model, args.model) if args.model else model_dir(device, Path(args.work))
+    # prefix-consistent, so --ref-tokens below max_new_tokens compares a prefix: 64 on CUDA, to fit the budget).
+    n_seed = min(n_examples, args.seed_examples or (2 if smoke else 4))
+    n_ref = min(n_examples, args.ref_examples or (2 if smoke else 8))
+    new = min(args.max_new_tokens, 16) if smoke else args.max_new_tokens
+    ref_tokens = min(new, args.ref_tokens or (64 if gpu else new))
+    base, model_desc = (args.model, args.model) if args.model else model_dir(device, Path(args.work), smoke)
     cfg = load_config(None, overrides={"model.base_model": base})
     batch_size = args.batch_size or cfg.eval.batch_size
     dev, dtype = device_and_dtype(cfg.training)
@@ -77,48 +84,88 @@ def suite_eval(args) -> dict:
                 p.copy_(torch.randn(p.shape, generator=gen).mul_(0.02).to(p.dtype))
     records, source = conversations(n_examples)
     prompts = generation.render_prompts(tokenizer, [r["messages"] for r in records])
-    new = args.max_new_tokens
-
-    # seed loop, step path, seed loop again: on a shared machine both paths see the same background load
-    half = (n_seed + 1) // 2
-    first = seed_recipe.seed_eval(model, tokenizer, prompts[:half], device, new_tokens=new)
     merged = generation.merge_for_inference(copy.deepcopy(model))  # merges in place: keep the unmerged one
+    warm = min(new, 8)  # untimed first calls: CUDA context, cuBLAS handles, allocator pools, kernel selection
+    t0 = now(device)
+    seed_recipe.seed_eval(model, tokenizer, prompts[:1], device, new_tokens=warm)
+    generation.generate_token_ids(merged, tokenizer, prompts[:batch_size], warm, batch_size)
+    info = {"max_new_tokens": new, "compared_tokens": ref_tokens, "batch_size": batch_size, "model": model_desc,
+            "dtype": str(dtype), "data": source, "warmup_s": now(device) - t0}
+    parts: dict = {}
+
+    def result() -> dict:
+        return {"rows": _eval_rows(parts, n_examples, batch_size, ref_tokens, new), "parts": parts, **info}
+
+    # seed loop, step path, identity check, seed loop again: on a shared machine the paths see the same load
+    half = (n_seed + 1) // 2
+    parts["seed"] = seed_recipe.seed_eval(model, tokenizer, prompts[:half], device, new_tokens=new)
+    save(result())
     t0 = now(device)  # generation.generate_batched, unrolled to keep the token counts
     batched_ids = generation.generate_token_ids(merged, tokenizer, prompts, new, batch_size)
-    batched = generation.decode_answers(tokenizer, batched_ids)
-    t_step = now(device) - t0
-    second = seed_recipe.seed_eval(model, tokenizer, prompts[half:n_seed], device, new_tokens=new, seed=1)
-    seed_r = {k: first[k] + second[k] for k in ("examples", "seconds", "new_tokens")}
-    t0 = now(device)  # generation.generate_one_at_a_time, likewise
-    single_ids = generation.generate_token_ids_one_at_a_time(merged, tokenizer, prompts[:n_ref], ref_tokens)
-    t_single = now(device) - t0
-    same = sum(ref == out[:len(ref)] and (len(ref) == ref_tokens or len(out) == len(ref))
-               for ref, out in zip(single_ids, batched_ids, strict=False))
-    seed_eps = seed_r["examples"] / seed_r["seconds"]
-    rows = [
-        {"path": "seed loop: 1 at a time, right-padded to 512, sampled T=0.8, unmerged adapter",
-         "examples": seed_r["examples"], "seconds": seed_r["seconds"], "examples/s": seed_eps, "x seed": 1.0,
-         "new tokens/example": seed_r["new_tokens"] / seed_r["examples"], "greedy identical": "-"},
-        {"path": f"one at a time, greedy, merged, {ref_tokens} new tokens (identity reference)", "examples": n_ref,
-         "seconds": t_single, "examples/s": n_ref / t_single, "x seed": "-",
-         "new tokens/example": sum(map(len, single_ids)) / n_ref, "greedy identical": "reference"},
-        {"path": f"evaluate step: generate_batched, merged, batch {batch_size}, left-padded, length-sorted",
-         "examples": n_examples, "seconds": t_step, "examples/s": n_examples / t_step,
-         "x seed": n_examples / t_step / seed_eps,
-         "new tokens/example": sum(map(len, batched_ids)) / n_examples,
-         "greedy identical": f"{same}/{n_ref}" + (f" (first {ref_tokens} tokens)" if ref_tokens < new else "")},
-    ]
+    parts["step"] = {"examples": n_examples, "seconds": now(device) - t0, "new_tokens": sum(map(len, batched_ids))}
+    info["sample_answer"] = generation.decode_answers(tokenizer, batched_ids[:1])[0][:300]
+    save(result())
+    # the identity check before the seed loop's second half: when time is short, correctness goes first. Its cost
+    # is guessed from the seed loop's per token (an upper bound: greedy, merged, no 512-token padding)
+    per_token = parts["seed"]["seconds"] / max(1, parts["seed"]["new_tokens"])
+    if budget.allows(per_token * n_ref * ref_tokens + 5):
+        t0 = now(device)  # generation.generate_one_at_a_time, likewise
+        single_ids = generation.generate_token_ids_one_at_a_time(merged, tokenizer, prompts[:n_ref], ref_tokens)
+        same = sum(ref == out[:len(ref)] and (len(ref) == ref_tokens or len(out) == len(ref))
+                   for ref, out in zip(single_ids, batched_ids, strict=False))
+        parts["reference"] = {"examples": n_ref, "seconds": now(device) - t0,
+                              "new_tokens": sum(map(len, single_ids)), "identical": same}
+    else:
+        parts["reference"] = budget.skipped("identity check", per_token * n_ref * ref_tokens)
+    save(result())
+    if n_seed > half and budget.allows(per_token * new * (n_seed - half) + 5):
+        second = seed_recipe.seed_eval(model, tokenizer, prompts[half:n_seed], device, new_tokens=new, seed=1)
+        parts["seed"] = {k: parts["seed"][k] + second[k] for k in ("examples", "seconds", "new_tokens")}
     del model, merged
     free_memory()
-    return {"rows": rows, "identical": same == n_ref, "compared": n_ref, "compared_tokens": ref_tokens,
-            "max_new_tokens": new, "sample_answer": batched[0][:300],
-            "batch_size": batch_size, "model": model_desc, "dtype": str(dtype), "data": source}
+    out = result()
+    ref = parts["reference"]
+    out.update(identical=ref.get("identical") == n_ref if "identical" in ref else None, compared=n_ref)
+    return out
+
+
+def _eval_rows(parts: dict, n_examples: int, batch_size: int, ref_tokens: int, new: int) -> list[dict]:
+    def rates(p: dict) -> dict:
+        return {"examples": p["examples"], "seconds": p["seconds"], "examples/s": p["examples"] / p["seconds"],
+                "new tokens/s": p["new_tokens"] / p["seconds"], "new tokens/example": p["new_tokens"] / p["examples"]}
+
+    seed = parts.get("seed")
+    seed_eps = seed["examples"] / seed["seconds"] if seed and seed.get("seconds") else None
+    rows = []
+    if seed:
+        rows.append({"path": f"seed loop: 1 at a time, right-padded to 512, sampled T=0.8, unmerged adapter, {new} "
+                             "tokens forced", **rates(seed), "x seed": 1.0, "greedy identical": "-"})
+    ref = parts.get("reference")
+    if ref and "skipped" in ref:
+        rows.append({"path": "one at a time, greedy (identity reference)", "note": ref["skipped"]})
+    elif ref:
+        rows.append({"path": f"one at a time, greedy, merged, {ref_tokens} new tokens (identity reference)",
+                     **rates(ref), "x seed": "-", "greedy identical": "reference"})
+    step = parts.get("step")
+    if step:
+        same = f"{ref['identical']}/{ref['examples']}" if ref and "identical" in ref else "-"
+        rows.append({"path": f"evaluate step: generate_batched, merged, batch {batch_size}, left-padded, "
+                             "length-sorted, stops at EOS", **rates(step),
+                     "x seed": n_examples / step["seconds"] / seed_eps if seed_eps else "-",
+                     "greedy identical": same + (f" (first {ref_tokens} tokens)" if ref_tokens < new else "")})
+    return rows
 
 
 def suite_train(args) -> dict:
     from bench import train
 
     return train.main(args)
+
+
+def suite_hpo(args) -> dict:
+    from bench import hpo
+
+    return hpo.main(args)
 
 
 def suite_chat(args) -> dict | None:
@@ -130,11 +177,14 @@ def suite_chat(args) -> dict | None:
         print("\n### chat\n\nchat suite not available (bench/chat.py is missing); skipped\n", flush=True)
         return None
     argv = list(args.rest)
-    if "--seconds" not in argv and (args.quick or args.device == "cuda"):
-        argv += ["--seconds", "6" if args.quick else "10"]  # quick: 6 s per level; GPU: 10 s (gpu.sh's 6 minutes)
+    if args.smoke:  # the rehearsal: the tiny model, two short levels
+        argv = ["--size", "tiny", "--pretrain-steps", "20", "--clients", "1,4", "--seconds", "2",
+                "--max-new-tokens", "16", *argv]
+    elif "--seconds" not in argv and (args.quick or args.device == "cuda"):
+        argv += ["--seconds", "6" if args.quick else "8"]  # quick: 6 s per level; GPU: 8 s (gpu.sh's chat budget)
     if "--url" not in argv:
         argv += ["--device", args.device, "--work", str(args.work)]
-    return chat.main(argv)
+    return chat.main(argv, save=args.save, budget=args.budget)
 
 
 def suite_dag(args) -> dict:
@@ -173,8 +223,9 @@ def suite_quality(args) -> dict:
     return {"rows": rows, "snapshot_uri": args.snapshot_uri, "adapter_uri": args.adapter_uri}
 
 
-SUITES = {"train": suite_train, "eval": suite_eval, "chat": suite_chat, "dag": suite_dag, "quality": suite_quality}
-ALL = ("train", "eval", "dag", "chat")
+SUITES = {"train": suite_train, "eval": suite_eval, "hpo": suite_hpo, "chat": suite_chat, "dag": suite_dag,
+          "quality": suite_quality}
+ALL = ("train", "eval", "hpo", "dag", "chat")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -182,6 +233,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("suite", choices=[*SUITES, "all"])
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--quick", action="store_true", help="short runs (always on CPU)")
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU only: the tiny model and the fewest steps that still run every code path (the test "
+                        "suite's rehearsal of bench/gpu.sh; the figures mean nothing)")
+    p.add_argument("--budget-s", type=float, default=0,
+                   help="the suite's time budget (bench/gpu.sh sets it below its hard limit): parts that would not "
+                        "fit in what is left are skipped and said so, the JSON is written either way (0 = none)")
     p.add_argument("--out", default=str(OUT), help="folder for the JSON results")
     p.add_argument("--work", default=None, help="scratch folder for built models (default: a temporary folder)")
     p.add_argument("--snapshot-uri", default=None)
@@ -206,10 +263,15 @@ def main(argv=None) -> int:
 
     args, rest = parser().parse_known_args(argv)
     args.rest = rest  # suite-specific options (chat)
+    # bench/gpu.sh's time limit sends SIGTERM: unwind (the chat suite stops its gunicorn and Postgres) instead of
+    # leaving a server holding the GPU for the next suite
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     transformers.logging.set_verbosity_error()  # right-padding warnings of the seed loop, one per example
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.device = resolve_device(args.device)
+    if args.smoke and args.device != "cpu":
+        raise SystemExit("--smoke is the CPU rehearsal's size; on a GPU use --quick")
     args.quick = args.quick or args.device == "cpu"
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
@@ -220,6 +282,13 @@ def main(argv=None) -> int:
         args.work = args.work or tmp
         for name in ALL if args.suite == "all" else [args.suite]:
             t0 = time.perf_counter()
+            meta = {"suite": name, "device": device_name(args.device) if name != "dag" else "cpu",
+                    "versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": _commit(),
+                    "budget_s": args.budget_s or None}
+            args.budget = Budget(args.budget_s)
+            # the suite rewrites <suite>.json after each recipe / part: a time limit then costs the rest, not all
+            args.save = (lambda partial, name=name, meta=meta, t0=t0: write_json(out, name, {
+                **meta, **partial, "complete": False, "wall_s": time.perf_counter() - t0}))
             try:
                 result = SUITES[name](args)
             except Exception as exc:  # noqa: BLE001 -- `all` reports every suite; the exit code says one failed
@@ -230,9 +299,7 @@ def main(argv=None) -> int:
                 result = {"rows": [{"suite": name, "error": f"{type(exc).__name__}: {exc}"[:300]}]}
             if result is None:
                 continue
-            result.setdefault("device", device_name(args.device) if name != "dag" else "cpu")
-            result.update(suite=name, versions=versions(), wall_s=time.perf_counter() - t0,
-                          date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), commit=_commit())
+            result = {**meta, **result, "complete": name not in failed, "wall_s": time.perf_counter() - t0}
             if result.get("rows"):
                 print(f"\n### {name} ({result['device']})\n\n{table(result['rows'])}\n", flush=True)
             print(f"JSON: {write_json(out, name, result)}", flush=True)

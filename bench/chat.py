@@ -7,7 +7,10 @@
 Each client loops for the fixed time: open a conversation, send a real customer question (Bitext sample when present)
 with ``stream: true``, read the Server-Sent Events to the end. Time to first token (TTFT) is measured at the first
 ``token`` event; tokens come from the stored reply's ``completion_tokens``. Any non-200 answer, ``error`` event or
-broken stream counts as an error. Prints a Markdown table; `python -m bench chat` writes <--out>/chat.json.
+broken stream counts as an error. Prints a Markdown table; `python -m bench chat` writes <--out>/chat.json, after
+every level. A service started here is ``bench.chat_app`` (the real app plus ``/bench/decoder``): the JSON's
+``decode_step`` says which decode path really served (static cache, compiled, CUDA graphs recorded, eager fallbacks),
+so eager figures are never mistaken for the compiled GPU path.
 """
 
 from __future__ import annotations
@@ -129,13 +132,20 @@ class LocalService:
     """The real service under gunicorn, on an embedded Postgres, serving a freshly built demo-size model."""
 
     def __init__(self, size: str = "demo", max_new_tokens: int = 64, device: str = "cpu", work: str | None = None,
-                 static_cache: str = "auto", compile_step: str = "auto"):
+                 static_cache: str = "auto", compile_step: str = "auto", pretrain_steps: int | None = None):
         self.size, self.max_new_tokens, self.device, self.work = size, max_new_tokens, device, work
-        self.static_cache, self.compile = static_cache, compile_step
+        self.static_cache, self.compile, self.pretrain_steps = static_cache, compile_step, pretrain_steps
         self.tmp = tempfile.TemporaryDirectory(prefix="ecb-bench-chat-")
         self.proc = None
 
     def __enter__(self) -> str:
+        try:
+            return self._start()
+        except BaseException:  # a failed start (or bench/gpu.sh's time limit) must not leave servers running
+            self.__exit__()
+            raise
+
+    def _start(self) -> str:
         import subprocess
 
         import yaml
@@ -145,6 +155,7 @@ class LocalService:
         from tasks.io import db
 
         settings = stack.init_settings(airflow_port=stack.free_port())
+        self.own_pg = not (stack.state_dir() / "postgres" / "postmaster.pid").exists()  # stopped again at exit
         stack.postgres_up(settings)
         env = {**os.environ, **stack.stack_env(settings)}
         os.environ["ECB_RESULTS_DB_URL"] = env["ECB_RESULTS_DB_URL"]
@@ -155,7 +166,7 @@ class LocalService:
             model_dir, self.model = device_model("cuda", Path(self.work or self.tmp.name))
         else:
             model_dir = Path(self.tmp.name) / f"bench-{self.size}"
-            build_model(model_dir, self.size)
+            build_model(model_dir, self.size, self.pretrain_steps)
             self.model = f"{self.size}-size demo Llama, briefly pretrained"
         cfg_file = Path(self.tmp.name) / "chat.yaml"
         cfg_file.write_text(yaml.safe_dump({"chat": {
@@ -169,7 +180,9 @@ class LocalService:
 
         self.log = stack.state_dir() / "logs" / "bench-chat.log"
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(gunicorn_argv("127.0.0.1", port, 64), env=env, cwd=REPO,
+        argv = gunicorn_argv("127.0.0.1", port, 64)
+        argv[argv.index("tasks.chat:create_app()")] = "bench.chat_app:create_app()"  # + GET /bench/decoder
+        self.proc = subprocess.Popen(argv, env=env, cwd=REPO,
                                      stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"))  # noqa: SIM115
         url = f"http://127.0.0.1:{port}"
         # on a GPU /readyz turns 200 after the decode step is compiled and captured (chat.compile)
@@ -180,10 +193,15 @@ class LocalService:
         if self.proc:
             self.proc.terminate()
             self.proc.wait(timeout=30)
+            self.proc = None
+        if getattr(self, "own_pg", False):
+            from tasks.devstack import stack
+
+            stack.postgres_down()
         self.tmp.cleanup()
 
 
-def build_model(out: Path, size: str) -> None:
+def build_model(out: Path, size: str, steps: int | None = None) -> None:
     """A demo-architecture chat model (the same builder as `make demo`), briefly pretrained so replies are text."""
     from tasks.demo import datagen
     from tasks.demo import model as demo_model
@@ -193,7 +211,8 @@ def build_model(out: Path, size: str) -> None:
     tokenizer = demo_model.build_tokenizer(texts, vocab_size=2048 if size != "tiny" else 512)
     model = demo_model.build_model(tokenizer, size=size)
     # threads=None: the count `python -m bench --threads` set for this process
-    demo_model.pretrain(model, tokenizer, texts, steps=150 if size == "tiny" else 120, threads=None)
+    steps = steps if steps is not None else 150 if size == "tiny" else 120
+    demo_model.pretrain(model, tokenizer, texts, steps=steps, threads=None)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
@@ -211,10 +230,24 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work", default=None, help="Folder of built models, shared with the other suites.")
     p.add_argument("--static-cache", default="auto", choices=("auto", "on", "off"), help="chat.static_cache")
     p.add_argument("--compile", default="auto", choices=("auto", "on", "off"), help="chat.compile")
+    p.add_argument("--pretrain-steps", type=int, default=None,
+                   help="Pretraining steps of the model a started service serves (default 150 tiny, 120 demo).")
     return p.parse_args(argv)
 
 
-def main(args=None) -> dict:
+def decode_step(url: str) -> dict:
+    """The service's own account of its decode path (bench.chat_app's /bench/decoder); a service started
+    elsewhere (--url) has no such route."""
+    import requests
+
+    try:
+        r = requests.get(f"{url}/bench/decoder", timeout=60)
+    except requests.RequestException as exc:
+        return {"unknown": f"{type(exc).__name__}: {exc}"[:200]}
+    return r.json() if r.status_code == 200 else {"unknown": f"GET /bench/decoder: HTTP {r.status_code}"}
+
+
+def main(args=None, save=None, budget=None) -> dict:
     from contextlib import nullcontext
 
     if not isinstance(args, argparse.Namespace) or not hasattr(args, "clients"):
@@ -222,19 +255,38 @@ def main(args=None) -> dict:
     qs = questions()
     service = (nullcontext(args.url) if args.url
                else LocalService(args.size, args.max_new_tokens, args.device, args.work, args.static_cache,
-                                 args.compile))
+                                 args.compile, args.pretrain_steps))
+    levels, result = [], {}
+    if save:  # a time-out during the start-up (model load, decode-step compile) then still leaves a trace
+        save({"levels": levels, "starting": "the service: model load, decode-step compile and capture"})
     with service as url:
         admin = os.environ.get("ECB_CHAT_ADMIN_TOKEN") if args.url else service.admin
-        levels = [run_level(url, int(n), args.seconds, qs, args.reload_at, admin) for n in args.clients.split(",")]
-    rows = [{k: v for k, v in r.items() if k not in ("versions", "error_samples")} for r in levels]
+        result = {"url": args.url or "local gunicorn", "levels": levels,
+                  "model": getattr(service, "model", "the running service's"), "max_new_tokens": args.max_new_tokens,
+                  "static_cache": args.static_cache, "compile": args.compile, "decode_step": decode_step(url)}
+        for n in args.clients.split(","):
+            if budget is not None and not budget.allows(args.seconds + 10):  # + the service's shutdown
+                result.setdefault("skipped", []).append(budget.skipped(f"{n} clients", args.seconds + 10)["skipped"])
+                continue
+            levels.append(run_level(url, int(n), args.seconds, qs, args.reload_at, admin))
+            result["decode_step"] = decode_step(url)  # after the replies: fallbacks happen while serving
+            if save:
+                save(result)
     print("\n### chat: streaming clients against the real HTTP service\n")
-    print(table(rows))
+    print(table(_rows(levels)))
     for r in levels:
         if r["error_samples"]:
             print(f"errors at {r['clients']} clients: {r['error_samples']}")
-    return {"suite": "chat", "url": args.url or "local gunicorn", "levels": levels,  # bench writes it to --out
-            "model": getattr(service, "model", "the running service's"), "max_new_tokens": args.max_new_tokens,
-            "static_cache": args.static_cache, "compile": args.compile}
+    d = result["decode_step"]
+    print(f"decode step: {d.get('path', d)}; eager fallbacks {d.get('eager_fallbacks')}, "
+          f"CUDA graphs recorded {d.get('cuda_graphs_recorded', '-')}, as configured: {d.get('as_configured')}")
+    if args.device == "cuda" and not (d.get("graph_captured") and d.get("eager_fallbacks") == 0):
+        print("!! the decode step did not run compiled with CUDA graphs: these are not the GPU path's figures")
+    return result
+
+
+def _rows(levels: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in ("versions", "error_samples")} for r in levels]
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -105,20 +106,23 @@ def versions() -> dict:
     return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
 
 
-def model_dir(device: str, work: Path) -> tuple[str, str]:
-    """(folder of the base model + tokenizer in Hugging Face format, description) for this device."""
+def model_dir(device: str, work: Path, smoke: bool = False) -> tuple[str, str]:
+    """(folder of the base model + tokenizer in Hugging Face format, description) for this device; ``smoke``
+    (CPU only): the tiny test-size Llama, for the rehearsal that only checks every code path runs."""
     import torch
 
     from tasks.demo import model as dm
 
     if device != "cuda":
-        folder = work / "demo-llama"
+        size = "tiny" if smoke else "demo"
+        folder = work / f"{size}-llama"
         if not (folder / "config.json").exists():
-            tok = demo_tokenizer()
-            model = dm.build_model(tok, size="demo")
+            tok = demo_tokenizer(512 if smoke else 2048)
+            model = dm.build_model(tok, size=size)
             model.save_pretrained(folder)
             tok.save_pretrained(folder)
-        return str(folder), "demo-size Llama (4 layers, d 192, random init), demo tokenizer"
+        return str(folder), ("tiny Llama (2 layers, d 64, random init), demo tokenizer" if smoke
+                             else "demo-size Llama (4 layers, d 192, random init), demo tokenizer")
     real = tinyllama_cached()
     if real:
         return real, f"{TINYLLAMA} (local cache)"
@@ -229,3 +233,29 @@ def write_json(out: Path, name: str, result: dict) -> Path:
     path = out / f"{name}.json"
     path.write_text(json.dumps(result, indent=2, default=str))
     return path
+
+
+class Budget:
+    """A suite's time budget (``--budget-s``; 0 = none): what is left decides whether the next recipe or section
+    starts, so a suite ends on its own, with its JSON written, before bench/gpu.sh's hard time limit kills it."""
+
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds if seconds > 0 else math.inf
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+    def allows(self, need_s: float) -> bool:
+        return self.left() >= need_s
+
+    def skipped(self, what: str, need_s: float) -> dict:
+        return {"skipped": f"{what}: ~{need_s:.0f}s needed, {max(self.left(), 0):.0f}s of the suite's budget left"}
+
+
+def dynamo_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far (recompiles included)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return 0
+    return int(counters["stats"]["unique_graphs"])

@@ -3,11 +3,17 @@
 Both run in this process on the same conversations (the Bitext sample rendered with the model's chat template,
 assistant-only labels; every 10th conversation held out for the validation loss). The step path is the step's
 functions, not a copy: ``models.load_base`` -> ``models.add_lora`` -> ``training.make_optimizer`` ->
-``training.fit`` with the step's config (packing, bf16 and torch.compile on CUDA, no gradient checkpointing).
+``training.fit`` with the step's config (packing, bf16 and torch.compile per decoder layer on CUDA, no gradient
+checkpointing). Rows: the seed recipe; the step's default config as it is (batch 16); on CUDA the same at batch 64
+(~8 packed rows of 2048 tokens, like the issue's probes) and QLoRA NF4 at batch 64 (eager); the default config with
+``training.packing=false`` (padded batches: fit does not compile those, each new width would recompile).
 
 CPU: all recipes are built side by side and timed interleaved, one optimizer step each per round, after one
 untimed step (other processes on a shared machine then slow every recipe alike). CUDA: one recipe after the
-other, each in one run of `warmup + steps` optimizer steps (so the step path compiles), the first `warmup` untimed.
+other, each in one run of `warmup + steps` optimizer steps (so the step path compiles), the first `warmup` untimed
+(their seconds, compilation included, are the "first steps s" column). The JSON is rewritten after every recipe,
+and a recipe that would not fit in what is left of ``--budget-s`` is skipped (said in its row), so a slow compile
+costs the rows after it, never the suite's JSON.
 
 Columns: real tokens/s (conversation tokens, not padding), slot tokens/s (everything computed, padding included),
 padding waste, peak memory (CUDA: max allocated; CPU: rise of the process's peak RSS while the recipe was built and
@@ -21,17 +27,29 @@ import logging
 import time
 from pathlib import Path
 
-from bench.common import VAL_BATCHES, PeakMemory, conversations, free_memory, model_dir, now, write_json
+from bench.common import (
+    VAL_BATCHES,
+    Budget,
+    PeakMemory,
+    conversations,
+    dynamo_graphs,
+    free_memory,
+    model_dir,
+    now,
+)
 
 log = logging.getLogger("bench.train")
+# seconds a CUDA recipe needs at least (model load + warm-up + timed steps + validation; compiled: + compilation)
+NEED_S = {"seed": 20, "eager": 25, "compiled": 45}
 
 
-def sizes(device: str, quick: bool) -> dict:
-    if device == "cuda":  # ~8 rows x 2048 tokens per step, like the issue's packed probes; 50 steps: compiled
-        return {"seed_steps": 4 if quick else 10, "step_steps": 20 if quick else 47, "eager_steps": 10, "warmup": 3,
-                "batch_size": 64}
-    # CPU (quick): 3 interleaved rounds after 1 untimed step, the step's default 16 conversations per step
-    return {"seed_steps": 3, "step_steps": 3, "warmup": 1, "batch_size": 16}
+def sizes(device: str, quick: bool, smoke: bool = False) -> dict:
+    if device == "cuda":  # warmup + step_steps = 50 = training.COMPILE_MIN_STEPS: the compiled rows compile
+        return {"seed_steps": 4 if quick else 10, "step_steps": 47, "eager_steps": 10, "warmup": 3, "big_batch": 64}
+    if smoke:  # the rehearsal of bench/gpu.sh in the test suite: every recipe once, nothing to read in the figures
+        return {"seed_steps": 1, "step_steps": 1, "warmup": 1, "conversations": 120}
+    # CPU (quick): 3 interleaved rounds after 1 untimed step
+    return {"seed_steps": 3, "step_steps": 3, "warmup": 1}
 
 
 def step_config(base: str, overrides: dict):
@@ -99,6 +117,7 @@ class StepTrain:
 
 def measure_sequential(make, *, warmup: int, steps: int, device: str) -> dict:
     """Build, train warmup + steps in one run, time the last `steps` (CUDA)."""
+    graphs = dynamo_graphs()
     with PeakMemory(device) as peak:
         run = make()
         t_start = now(device)
@@ -112,14 +131,16 @@ def measure_sequential(make, *, warmup: int, steps: int, device: str) -> dict:
         seconds = now(device) - t0
     result = {"real_tokens": run.tokens - tokens0, "slots": run.slots - slots0, "seconds": seconds,
               "warmup_s": t0 - t_start, "peak_gib": peak.gib, "loss_last": run.loss, "val_loss": run.val_loss(),
-              "steps": steps, "batching": run.description, "conversations_per_step": run.conversations_per_step}
+              "steps": steps, "batching": run.description, "conversations_per_step": run.conversations_per_step,
+              "graphs_compiled": dynamo_graphs() - graphs}
     del run
     free_memory()
     return result
 
 
-def measure_interleaved(makers: dict, *, warmup: int, rounds: int, device: str) -> dict:
-    """Build every recipe (peak memory of build + warmup each), then `rounds` rounds of one step per recipe."""
+def measure_interleaved(makers: dict, *, warmup: int, rounds: int, device: str, save=None) -> dict:
+    """Build every recipe (peak memory of build + warmup each), then `rounds` rounds of one step per recipe;
+    ``save(out)`` after each build and at the end."""
     runs, out = {}, {}
     for name, make in makers.items():
         try:
@@ -128,10 +149,12 @@ def measure_interleaved(makers: dict, *, warmup: int, rounds: int, device: str) 
                 t0 = now(device)
                 runs[name].run_to(warmup)
             out[name] = {"peak_gib": peak.gib, "warmup_s": now(device) - t0, "seconds": 0.0, "real_tokens": 0,
-                         "slots": 0, "steps": 0}
+                         "slots": 0, "steps": 0, "graphs_compiled": 0}
         except Exception as exc:  # noqa: BLE001 -- one failing recipe must not hide the others
             log.exception("recipe %s failed", name)
             out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        if save:
+            save(out)
     for _ in range(rounds):
         for name, run in runs.items():
             tokens, slots, t0 = run.tokens, run.slots, now(device)
@@ -150,17 +173,42 @@ def measure_interleaved(makers: dict, *, warmup: int, rounds: int, device: str) 
 
 
 def row(name: str, r: dict, seed: dict | None) -> dict:
-    if "error" in r:
-        return {"recipe": name, "real tok/s": "-", "x seed": "-", "note": r["error"][:160]}
+    if "error" in r or "skipped" in r:
+        return {"recipe": name, "real tok/s": "-", "x seed": "-", "note": r.get("error", r.get("skipped"))[:160]}
+    if not r.get("seconds"):
+        return {"recipe": name, "real tok/s": "-", "x seed": "-", "note": "built, not timed yet"}
     real_s, slot_s = r["real_tokens"] / r["seconds"], r["slots"] / r["seconds"]
     out = {"recipe": name, "real tok/s": real_s, "slot tok/s": slot_s,
            "x seed": real_s / (seed["real_tokens"] / seed["seconds"]) if seed else 1.0,
            "padding waste": 1 - r["real_tokens"] / max(r["slots"], 1), "peak GiB": r["peak_gib"],
-           "conv/step": r["conversations_per_step"], "steps timed": r["steps"], "loss last step": r["loss_last"],
+           "conv/step": r["conversations_per_step"], "steps timed": r["steps"], "first steps s": r["warmup_s"],
+           "graphs compiled": r.get("graphs_compiled", 0), "loss last step": r["loss_last"],
            "val loss after": r["val_loss"]}
     if seed:
         out["peak x seed"] = r["peak_gib"] / seed["peak_gib"] if seed["peak_gib"] > 0 else "-"
     return out
+
+
+def recipes(device: str, quick: bool, big_batch: int | None) -> dict:
+    """Row label -> config overrides of the step path. The default config's row overrides nothing."""
+    cuda = device == "cuda"
+    packed = "packed 2048-token rows, compiled per layer" if cuda else "packed 512-token rows, eager (CPU)"
+    out = {f"step path: default config (LoRA, batch 16, {packed})": {}}
+    if cuda:
+        out[f"step path: batch {big_batch} (~8 x 2048 rows per step), compiled per layer"] = {
+            "training.batch_size": big_batch}
+        out[f"step path: QLoRA NF4, batch {big_batch}, eager"] = {
+            "training.batch_size": big_batch, "lora.quantization": "nf4", "training.compile": False}
+    if not (quick and cuda):  # padded batches: fit does not compile them (every batch has its own width)
+        out["step path: default config, training.packing=false (length-grouped, padded per batch, eager)"] = {
+            "training.packing": False}
+    return out
+
+
+def _kind(name: str, overrides: dict, device: str) -> str:
+    if device == "cuda" and overrides.get("training.packing", True) and overrides.get("training.compile", True):
+        return "compiled"
+    return "eager"
 
 
 def main(args) -> dict:
@@ -169,10 +217,11 @@ def main(args) -> dict:
     from bench.seed import SeedTrain
     from tasks.ml.training import encode_all
 
-    device, quick = args.device, args.quick
-    n = sizes(device, quick)
-    base, model_desc = model_dir(device, Path(args.work))
-    records, source = conversations()
+    device, quick, smoke = args.device, args.quick, getattr(args, "smoke", False)
+    budget, save = getattr(args, "budget", None) or Budget(0), getattr(args, "save", None) or (lambda result: None)
+    n = sizes(device, quick, smoke)
+    base, model_desc = model_dir(device, Path(args.work), smoke)
+    records, source = conversations(n.get("conversations"))
     val_records, train_records = records[::10], [r for i, r in enumerate(records) if i % 10]
     tokenizer = AutoTokenizer.from_pretrained(base)
     max_len = step_config(base, {}).model.max_seq_len
@@ -183,33 +232,39 @@ def main(args) -> dict:
                  + ", grad. checkpointing, 4 x 512 padded")
     makers = {seed_name: lambda: SeedTrain(base, train_ex, val_ex, device=device, pad_id=tokenizer.pad_token_id,
                                            total_steps=total)}
-    bs = {"training.batch_size": n["batch_size"]}
-    variants = {"step path: LoRA, packed (default config)": bs}
-    if device == "cuda":
-        variants["step path: QLoRA NF4, packed, eager"] = {**bs, "lora.quantization": "nf4", "training.compile": False}
-    if not (quick and device == "cuda"):
-        variants["step path: LoRA, length-grouped padding (packing=false)"] = {**bs, "training.packing": False}
+    variants = recipes(device, quick, n.get("big_batch"))
     for name, overrides in variants.items():
         makers[name] = (lambda o=overrides: StepTrain(base, train_records, val_records, o, total_steps=total,
                                                         device=device))
+    info = {"model": model_desc, "data": source, "train_conversations": len(train_ex),
+            "val_conversations": len(val_ex), "mean_tokens": sum(lengths) / len(lengths), "max_tokens": max(lengths),
+            "sizes": n, "overrides": {k: v for k, v in variants.items()},
+            "timing": "sequential" if device == "cuda" else "interleaved rounds"}
     t0 = time.perf_counter()
+
+    def result(results: dict) -> dict:
+        seed = results.get(seed_name)
+        seed = seed if seed and "error" not in seed and "skipped" not in seed and seed.get("seconds") else None
+        rows = [row(name, results[name], seed) for name in makers if name in results]
+        return {"rows": rows, "raw": results, **info, "seconds_total": time.perf_counter() - t0}
+
     if device == "cuda":
         results = {}
         for name, make in makers.items():
-            steps = n["seed_steps"] if name == seed_name else n["eager_steps"] if "eager" in name else n["step_steps"]
-            try:
-                results[name] = measure_sequential(make, warmup=n["warmup"], steps=steps, device=device)
-            except Exception as exc:  # noqa: BLE001 -- e.g. no bitsandbytes for QLoRA: report, go on
-                log.exception("recipe %s failed", name)
-                results[name] = {"error": f"{type(exc).__name__}: {exc}"}
-                free_memory()
-            write_json(Path(args.out), "train.partial", {"raw": results, "model": model_desc})  # if time runs out
+            kind = "seed" if name == seed_name else _kind(name, variants.get(name, {}), device)
+            steps = {"seed": n["seed_steps"], "eager": n["eager_steps"], "compiled": n["step_steps"]}[kind]
+            if not budget.allows(NEED_S[kind]):
+                results[name] = budget.skipped(f"{kind} recipe", NEED_S[kind])
+                log.warning("recipe %s skipped: %s", name, results[name]["skipped"])
+            else:
+                try:
+                    results[name] = measure_sequential(make, warmup=n["warmup"], steps=steps, device=device)
+                except Exception as exc:  # noqa: BLE001 -- e.g. no bitsandbytes for QLoRA: report, go on
+                    log.exception("recipe %s failed", name)
+                    results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+                    free_memory()
+            save(result(results))  # the rows so far, in case the time limit strikes during the next recipe
     else:
-        results = measure_interleaved(makers, warmup=n["warmup"], rounds=n["step_steps"], device=device)
-    seed = results[seed_name] if "error" not in results[seed_name] else None
-    rows = [row(name, results[name], seed) for name in makers]
-    return {"rows": rows, "raw": results, "model": model_desc, "data": source,
-            "train_conversations": len(train_ex), "val_conversations": len(val_ex),
-            "mean_tokens": sum(lengths) / len(lengths), "max_tokens": max(lengths), "sizes": n,
-            "timing": "sequential" if device == "cuda" else "interleaved rounds",
-            "seconds_total": time.perf_counter() - t0}
+        results = measure_interleaved(makers, warmup=n["warmup"], rounds=n["step_steps"], device=device,
+                                      save=lambda out: save(result(out)))
+    return result(results)

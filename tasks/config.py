@@ -135,8 +135,9 @@ class TrainingConfig:
                                         "a 4D block-diagonal mask.",
                                 choices=("auto", "varlen_sdpa", "flex_attention", "sdpa", "eager",
                                          "flash_attention_2"))
-    compile: bool = opt(True, "torch.compile the training forward on CUDA for runs of >= 50 steps (eager if it "
-                              "fails); ignored on CPU.")
+    compile: bool = opt(True, "torch.compile each decoder layer (regional compilation) on CUDA for packed runs of "
+                              ">= 50 steps; padded batches (packing=false) and CPU train eagerly; eager if compiling "
+                              "fails.")
 
 
 @dataclass

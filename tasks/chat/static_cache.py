@@ -60,6 +60,7 @@ class StaticDecoder:
         self._columns = torch.arange(width, device=p.device)
         self._row_index = torch.arange(rows, device=p.device)
         self.compiled = None
+        self.fallbacks = 0  # compiled calls that failed (decoding went eager for good); bench/chat.py reports it
         if compile_step:
             for t in (*self.keys, *self.values, self._columns, self._row_index):
                 torch._dynamo.mark_static_address(t)  # in-place writes must not break the CUDA graph
@@ -89,6 +90,7 @@ class StaticDecoder:
                 try:
                     return self.compiled(ids, pos).tolist()
                 except Exception as exc:  # a compiler problem must cost speed, never replies
+                    self.fallbacks += 1
                     log.warning("compiled decode step failed (%s: %s); decoding eagerly from now on",
                                 type(exc).__name__, str(exc)[:300])
                     self.compiled = None

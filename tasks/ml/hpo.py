@@ -1,15 +1,18 @@
 """Optuna HPO: one study per DAG run in the Postgres optuna database; the steps plan_hpo, hpo_trial (one mapped
 Airflow task per trial) and select_best use the pieces here.
 
-A trial trains briefly on a subset, reports (negated) validation loss to the pruner, and is scored with the same
-weighted BLEU/ROUGE score as the quality gate on a validation subset. A crashed or pruned trial is told to the
-study and the task still succeeds, so one bad trial never fails the DAG.
+A trial trains briefly on a subset, reports (negated) validation loss on the same validation conversations for every
+trial to the pruner every hpo.report_every steps (``pruning_callback``; a pruned trial stops there), and is scored
+with the same weighted BLEU/ROUGE score as the quality gate on a validation subset. A crashed or pruned trial is told
+to the study and the task still succeeds, so one bad trial never fails the DAG.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
+import statistics
 
 from tasks import env
 from tasks.context import StepContext
@@ -17,6 +20,10 @@ from tasks.data.snapshots import read_split
 from tasks.io import s3, tracking
 
 log = logging.getLogger("tasks.ml.hpo")
+# Batch of the validation loss a trial reports to the pruner. Fixed, and every trial_eval_rows conversation is used:
+# the pruner compares trials at the same step, so they must be measured on the same conversations (the trial's own
+# sampled batch size once chose how many of them the first two batches held).
+REPORT_BATCH = 8
 # search-space field in HpoConfig -> config field the value overrides
 SPACE = {"lora_r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
          "learning_rate": "training.learning_rate", "weight_decay": "training.weight_decay",
@@ -85,11 +92,9 @@ def subset(records: list[dict], n: int, seed: int) -> list[dict]:
 
 def train_and_score(ctx: StepContext, trial, overrides: dict, mlflow_run: str | None) -> float:
     """Brief training on a subset with the trial's parameters; returns the validation weighted score."""
-    import optuna
-
     from tasks.ml import generation, metrics
     from tasks.ml.models import add_lora, load_base
-    from tasks.ml.training import TrainState, device_and_dtype, encode_all, fit, make_optimizer, validation_loss
+    from tasks.ml.training import TrainState, device_and_dtype, encode_all, fit, make_optimizer
 
     cfg = ctx.config_with(overrides)
     hcfg = ctx.config.hpo
@@ -104,17 +109,10 @@ def train_and_score(ctx: StepContext, trial, overrides: dict, mlflow_run: str | 
     model = add_lora(model, cfg, cfg.training.seed)
     opt, sched = make_optimizer(model, cfg.training, hcfg.trial_max_steps)
 
-    def on_step(st, loss):
-        if st.step % hcfg.report_every == 0 and st.step < hcfg.trial_max_steps:
-            vl = validation_loss(model, val, cfg.training.batch_size, 2, tokenizer.pad_token_id, device)
-            trial.report(-vl, st.step)  # the study maximizes, so report the negated loss
-            log.info("trial %d step %d: validation loss %.4f", trial.number, st.step, vl)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"validation loss {vl:.4f} at step {st.step} is worse than the median")
-        return False
-
+    on_step = pruning_callback(trial, hcfg, lambda: report_loss(model, val, tokenizer.pad_token_id, device))
     state = fit(model, train, cfg.training, hcfg.trial_max_steps, TrainState(), opt, sched,
                 pad_id=tokenizer.pad_token_id, device=device, dtype=dtype, on_step=on_step)
+    trial.set_user_attr("steps", state.step)
     model = generation.merge_for_inference(model)
     prompts = generation.render_prompts(tokenizer, [r["messages"] for r in val_records])
     hyps = generation.generate_batched(model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size)
@@ -128,6 +126,49 @@ def train_and_score(ctx: StepContext, trial, overrides: dict, mlflow_run: str | 
     return value
 
 
+def report_loss(model, val: list, pad_id: int, device) -> float:
+    """The validation loss a trial reports: every one of ``val`` in batches of REPORT_BATCH, whatever the trial's
+    batch size."""
+    from tasks.ml.training import validation_loss
+
+    return validation_loss(model, val, REPORT_BATCH, math.ceil(len(val) / REPORT_BATCH), pad_id, device)
+
+
+def pruning_callback(trial, hcfg, loss_of):
+    """``on_step`` for training.fit: every hpo.report_every steps before the last, report the negated validation
+    loss (``loss_of()``; the study maximizes) and raise optuna.TrialPruned, saying why, when the pruner says stop."""
+    import optuna
+
+    def on_step(st, loss: float) -> bool:
+        if st.step % hcfg.report_every or st.step >= hcfg.trial_max_steps:
+            return False
+        vl = loss_of()
+        trial.report(-vl, st.step)
+        if not trial.should_prune():
+            log.info("trial %d step %d: validation loss %.4f, goes on", trial.number, st.step, vl)
+            return False
+        trial.set_user_attr("steps", st.step)
+        raise optuna.TrialPruned(f"after {st.step} of {hcfg.trial_max_steps} steps: {_why(trial, hcfg, vl, st.step)}")
+
+    return on_step
+
+
+def _why(trial, hcfg, loss: float, step: int) -> str:
+    """The pruning decision in numbers: this trial's loss against the complete trials' at the same step."""
+    import optuna
+
+    done = [-t.intermediate_values[step] for t in trial.study.get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if step in t.intermediate_values]
+    if not done:
+        return f"validation loss {loss:.4f} at step {step}; the {hcfg.pruner} pruner stopped it"
+    median = statistics.median(done)
+    if hcfg.pruner == "median":
+        return (f"validation loss {loss:.4f} at step {step} is worse than the median {median:.4f} of "
+                f"{len(done)} complete trial(s) at that step")
+    return (f"validation loss {loss:.4f} at step {step}; the {hcfg.pruner} pruner stopped it (median of "
+            f"{len(done)} complete trial(s) at that step: {median:.4f})")
+
+
 def record_trial(ctx: StepContext, name: str, frozen) -> dict:
     from tasks.io import db, schema
 
@@ -137,7 +178,7 @@ def record_trial(ctx: StepContext, name: str, frozen) -> dict:
     with db.engine().begin() as conn:
         db.upsert(conn, schema.hpo_trials, row, keys=("study_name", "trial_number"))
     return {"study": name, "trial": frozen.number, "state": frozen.state.name, "value": frozen.value,
-            "params": row["params"], "error": row["error"]}
+            "params": row["params"], "error": row["error"], "steps": frozen.user_attrs.get("steps")}
 
 
 def record_study(ctx: StepContext, name: str, counts: dict, best, params: dict) -> None:

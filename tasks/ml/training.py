@@ -33,7 +33,7 @@ IGNORE = -100
 PACK_WINDOW = 4096  # conversations bin-packed together before the rows are shuffled
 GPU_PACK_LENGTH = 2048  # training.pack_length=0 on CUDA
 CPU_PACK_LENGTH = 512  # on CPU: the block-diagonal mask is dense there, so short rows waste less attention work
-COMPILE_MIN_STEPS = 50  # torch.compile takes ~a minute; shorter runs (HPO trials) do not earn it back
+COMPILE_MIN_STEPS = 50  # even per layer the compile costs seconds; shorter runs (HPO trials) do not earn it back
 
 
 @dataclass
@@ -419,31 +419,78 @@ class Progress:
                  time.strftime("%H:%M:%S", time.gmtime(eta)))
 
 
-class _Forward:
-    """The model's forward, torch.compile'd on CUDA when training.compile is on and the run is long enough; if the
-    first compiled call fails the run continues eagerly (logged), a later failure is a real error."""
+def decoder_layers(model) -> list:
+    """The repeated transformer blocks of a causal LM, PEFT-wrapped or not (``model.model.layers``)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    return list(layers) if layers is not None else []
 
-    def __init__(self, model, tcfg, device, steps_left: int):
-        self.model, self.compiled, self.proven = model, None, False
-        if tcfg.compile and str(device).startswith("cuda") and steps_left >= COMPILE_MIN_STEPS:
-            import torch
 
-            self.compiled = torch.compile(model)
-            log.info("training forward compiled with torch.compile (first step includes compilation)")
+class RegionalCompile:
+    """torch.compile per decoder layer (regional compilation) for the training steps, when training.compile is on,
+    on CUDA, for packed batches (a fixed shape; padded batches change width every step and each width would
+    recompile) and runs of >= COMPILE_MIN_STEPS steps. The layers are
+    identical, so the compiled code of one serves them all (the embeddings' output is made to require grad like
+    every later layer's input, else the first layer would get a graph of its own): the compile costs about one
+    layer's instead of the whole model's, and the time of a step is in the layers anyway. ``nn.Module.compile`` keeps
+    parameter names, so checkpoints and adapters are unchanged. If the first compiled step fails, the layers go
+    back to eager and the step is redone (logged); a later failure is a real error."""
 
-    def __call__(self, **inputs):
-        if self.compiled is None:
-            return self.model(**inputs)
-        if self.proven:
-            return self.compiled(**inputs)
+    def __init__(self, model, tcfg, device, steps_left: int, packing: bool):
+        self.model, self.layers, self.proven, self._hook = model, [], False, None
+        reason = self._skip_reason(tcfg, device, steps_left, packing)
+        if reason:
+            if tcfg.compile and str(device).startswith("cuda"):
+                log.info("training.compile: not compiling, %s", reason)
+            return
+        import torch
+
+        self.layers = decoder_layers(model)
+        if not self.layers:
+            log.info("training.compile: no decoder layers found (model.model.layers); training eagerly")
+            return
+        embeddings = model.get_input_embeddings()
+        self._hook = embeddings.register_forward_hook(
+            lambda module, args, out: out.requires_grad_(True) if torch.is_grad_enabled() else out)
+        for layer in self.layers:
+            layer.compile()
+        log.info("training.compile: %d decoder layers compiled one by one (regional torch.compile; the first step "
+                 "includes the compilation)", len(self.layers))
+
+    @staticmethod
+    def _skip_reason(tcfg, device, steps_left: int, packing: bool) -> str | None:
+        if not tcfg.compile:
+            return "training.compile=false"
+        if not str(device).startswith("cuda"):
+            return "not on CUDA"
+        if not packing:
+            return "padded batches (training.packing=false) change shape every step; each shape would recompile"
+        if steps_left < COMPILE_MIN_STEPS:
+            return f"{steps_left} steps to train is fewer than {COMPILE_MIN_STEPS}: the compile would not pay"
+        return None
+
+    def step(self, forward_backward):
+        """Run one forward + backward (``forward_backward()`` returns the loss), eagerly again if compiling fails."""
+        if not self.layers or self.proven:
+            return forward_backward()
         try:
-            out = self.compiled(**inputs)
+            loss = forward_backward()
         except Exception as exc:  # noqa: BLE001 -- any compiler failure: eager is correct, only slower
             log.warning("torch.compile failed (%s); training continues without it", str(exc).splitlines()[0][:300])
-            self.compiled = None
-            return self.model(**inputs)
+            self.undo()
+            self.model.zero_grad(set_to_none=True)  # whatever a half-done backward left
+            return forward_backward()
         self.proven = True
-        return out
+        return loss
+
+    def undo(self) -> None:
+        """Back to eager layers (nn.Module.compile keeps the compiled call in ``_compiled_call_impl``)."""
+        for layer in self.layers:
+            layer._compiled_call_impl = None
+        self.layers = []
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
 
 def fit(model, train: list[Example], tcfg, steps: int, state: TrainState, opt, sched, *, pad_id: int, device,
@@ -455,8 +502,9 @@ def fit(model, train: list[Example], tcfg, steps: int, state: TrainState, opt, s
     batching = plan_batching(train, tcfg, device)
     impl = packed_attention_impl(tcfg, model, device) if batching.packing else None
     restore = _set_attn_implementation(model, impl)
+    compiled = None
     try:
-        forward = _Forward(model, tcfg, device, steps - state.step)
+        compiled = RegionalCompile(model, tcfg, device, steps - state.step, batching.packing)
         model.train()
         log.info("batches: %s", batching.describe())
         progress = Progress(steps, tcfg.log_every_s, state.step)
@@ -472,9 +520,7 @@ def fit(model, train: list[Example], tcfg, steps: int, state: TrainState, opt, s
                     ids, mask, labels = collate(train, [r[0] for r in rows], pad_id, device)
                     n_tokens, n_slots = int(mask.sum()), ids.numel()
                     inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-                with autocast:
-                    loss = forward(**inputs).loss
-                loss.backward()
+                loss = compiled.step(lambda inputs=inputs: _forward_backward(model, inputs, autocast))
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
@@ -491,4 +537,13 @@ def fit(model, train: list[Example], tcfg, steps: int, state: TrainState, opt, s
             state.batch_in_epoch = 0
         return state
     finally:
+        if compiled is not None:  # the model leaves fit as it came (eager layers for evaluation and saving)
+            compiled.undo()
         restore()
+
+
+def _forward_backward(model, inputs: dict, autocast):
+    with autocast:
+        loss = model(**inputs).loss
+    loss.backward()
+    return loss

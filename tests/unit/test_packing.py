@@ -202,3 +202,55 @@ def test_fit_trains_packed_rows_deterministically(tokenizer, examples):
     assert state.step == 3 and 0 < state.tokens <= state.slots
     assert state.slots == 3 * plan.rows_per_step * plan.pack_length  # every step has the same shape
     assert [x[1] for x in state.losses] == [x[1] for x in run()[1].losses]
+
+
+def _fit_watching_layers(tokenizer, examples, cfg, steps=2):
+    """fit on a fresh tiny 3-layer LoRA model; returns (model, state, [compiled? per layer] seen at every step)."""
+    from tasks.demo import model as demo_model
+    from tasks.ml import models
+    from tasks.ml.training import TrainState, decoder_layers, fit, make_optimizer
+
+    base = demo_model.build_model(tokenizer, size="tiny", num_layers=3)
+    base.config.use_cache = False
+    m = models.add_lora(base, cfg, seed=0)
+    opt, sched = make_optimizer(m, cfg.training, steps)
+    seen = []
+
+    def on_step(st, loss):
+        seen.append([layer._compiled_call_impl is not None for layer in decoder_layers(m)])
+        return False
+
+    state = fit(m, examples, cfg.training, steps, TrainState(), opt, sched, pad_id=2, device="cpu",
+                dtype=torch.float32, on_step=on_step)
+    return m, state, seen
+
+
+def test_regional_compile_compiles_every_decoder_layer_with_one_graph_and_trains_like_eager(
+        tokenizer, examples, monkeypatch):
+    """training.compile compiles each decoder layer (not the whole model); the identical layers share one compiled
+    graph; losses and trained weights match eager training; fit hands the model back with eager layers. On CPU
+    fit never compiles on its own: the CUDA/length checks are bypassed here to run the real inductor on CPU."""
+    from torch._dynamo.utils import counters
+
+    from tasks.ml.training import RegionalCompile, decoder_layers
+
+    cfg = Config()
+    cfg.training.batch_size, cfg.training.learning_rate = 4, 3e-3
+    cfg.lora.dropout = 0.0  # dropout draws differ between eager and inductor code; without it the runs must agree
+    cfg.training.packed_attention = "sdpa"  # a 4D mask: varlen_sdpa splits by data-dependent sizes (graph breaks)
+    eager, eager_state, eager_seen = _fit_watching_layers(tokenizer, examples, cfg)
+    assert eager_seen == [[False] * 3] * 2  # on CPU fit does not compile
+
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(RegionalCompile, "_skip_reason", staticmethod(lambda *args: None))
+    compiled, state, seen = _fit_watching_layers(tokenizer, examples, cfg)
+    assert seen == [[True] * 3] * 2  # every decoder layer ran compiled, at every step
+    assert counters["stats"]["unique_graphs"] == 1  # one graph for all three layers (regional compilation)
+    assert not any(layer._compiled_call_impl is not None for layer in decoder_layers(compiled))  # eager again
+    assert [n for n, _ in compiled.named_parameters()] == [n for n, _ in eager.named_parameters()]  # same names
+    torch.testing.assert_close([x[1] for x in state.losses], [x[1] for x in eager_state.losses], rtol=1e-4, atol=1e-5)
+    trained = {n: p for n, p in compiled.named_parameters() if p.requires_grad}
+    for name, p in eager.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(trained[name], p, rtol=1e-3, atol=1e-5)
