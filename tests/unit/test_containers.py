@@ -217,8 +217,10 @@ def test_every_gpu_image_build_records_the_commit_it_is_built_from(monkeypatch):
     assert re.search(r"^ENV ECB_GIT_COMMIT=\$GIT_COMMIT$", dockerfile, re.M)
     # the documented build (make images) passes this checkout's commit
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    build = subprocess.run(["make", "-n", "images"], cwd=REPO, capture_output=True, text=True,
-                           env={k: v for k, v in os.environ.items() if k != "GIT_COMMIT"})
+    # --no-print-directory: under `make test` this make is nested and would print "Entering directory" lines
+    build = subprocess.run(["make", "--no-print-directory", "-n", "images"], cwd=REPO, capture_output=True,
+                           text=True, env={k: v for k, v in os.environ.items()
+                                           if k not in ("GIT_COMMIT", "MAKEFLAGS", "MAKELEVEL", "MFLAGS")})
     assert build.returncode == 0 and build.stdout.strip() == f"GIT_COMMIT={head or 'unknown'} docker compose build"
     header = text.split("\nname:")[0]  # the file's usage comment: every build command it shows sets GIT_COMMIT
     builds = [line for line in header.splitlines() if "make images" in line or "--build" in line]
