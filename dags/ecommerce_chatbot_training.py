@@ -1,6 +1,9 @@
 """
 ### E-commerce support chatbot: nightly training pipeline
 
+Runs nightly (`pipeline.schedule`) and whenever new raw data lands in `data.source` (the landing asset; the
+`ecommerce_chatbot_landing_watcher` DAG emits its events). Assets page: landing -> raw -> snapshot -> model.
+
 1. `sync_raw_data` mirrors `data.source` into the platform's S3 raw area (incremental, manifest in S3 + Postgres).
 2. `prepare_chatml` builds a ChatML snapshot (train / validation / test by intent; bad rows quarantined with a
    reason); the same input is prepared once.
@@ -10,7 +13,13 @@
 5. `evaluate` scores the candidate and the registry's champion on the same test split; the `quality_gate` step
    (read its log for why a model was or was not released) decides, and `release_or_skip` follows its decision to
    `register_model` -> `push_to_hub` -> `deploy_chat_service` (starts or hot-reloads the chat service, smoke-tests
-   it), or to `skip_release`.
+   it), or to `skip_release`. When `gate.require_approval` is set, or the gate releases on a delta whose bootstrap
+   CI includes 0, `approve_release` waits for a person (Required actions; no answer in `gate.approval_timeout_s` =
+   Reject) and `record_approval` writes the answer and who gave it to `gate_decisions` first.
+6. With `release.canary_share` > 0 the new version is deployed as a canary (registry alias `candidate`) beside the
+   champion; `wait_for_canary` polls until it has `release.canary_min_messages` replies (or
+   `release.canary_timeout_s`), rescheduling in between, and `canary_verdict` promotes it or rolls it back (its log
+   gives the numbers and the decision in one sentence). Roll back by hand: DAG `ecommerce_chatbot_rollback`.
 
 Every step is `python -m tasks <step>` run by one step mechanism (`ecb_airflow.steps`); XCom carries only the
 small JSON manifests the steps print, and tasks read their fields as `step.output["key"]`.
@@ -27,12 +36,15 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import dag, task
 
-from ecb_airflow import decisions
+from ecb_airflow import assets, decisions
+from ecb_airflow.approval import GateApprovalOperator
 from ecb_airflow.params import dag_params
+from ecb_airflow.polling import step_poll
 from ecb_airflow.steps import mapped_step, step
 from tasks.config import load_config
 
 CFG = load_config()  # parsed once per DAG-file parse; pure Python, no ML imports
+ASSETS = assets.platform_assets(CFG)
 log = logging.getLogger("airflow.task")
 
 default_args = {
@@ -46,7 +58,7 @@ default_args = {
 
 @dag(
     dag_id="ecommerce_chatbot_training",
-    schedule=CFG.pipeline.schedule,
+    schedule=assets.training_schedule(CFG, ASSETS.landing),  # nightly, or when new raw data lands
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
@@ -56,8 +68,9 @@ default_args = {
     doc_md=__doc__,
 )
 def ecommerce_chatbot_training():
-    sync = step("sync_raw_data")
-    prep = step("prepare_chatml", inputs={"raw_manifest": sync.output["manifest_uri"]})
+    sync = step("sync_raw_data", outlets=[ASSETS.raw], outlet_fields=assets.RAW_FIELDS)
+    prep = step("prepare_chatml", inputs={"raw_manifest": sync.output["manifest_uri"]}, outlets=[ASSETS.snapshot],
+                outlet_fields=assets.SNAPSHOT_FIELDS)
 
     @task.short_circuit
     def data_or_params_changed(prep_manifest: dict, params: dict | None = None) -> bool:
@@ -71,17 +84,18 @@ def ecommerce_chatbot_training():
         """One input dict per Optuna trial slot (empty when HPO is off: the mapped task is then skipped)."""
         return [{**slot, "snapshot_uri": prep_manifest["snapshot_uri"]} for slot in plan_manifest["slots"]]
 
-    @task.branch
-    def release_or_skip(decision: dict) -> str:
-        """Follow the quality_gate step's decision: register_model or skip_release."""
-        branch, why = decisions.gate_branch(decision)
+    # none_failed_min_one_success: record_approval is skipped when nobody was asked.
+    @task.branch(trigger_rule="none_failed_min_one_success")
+    def release_or_skip(decision: dict, approval: dict | None) -> str:
+        """Follow the quality_gate step's decision, or the person's answer when one was asked."""
+        branch, why = decisions.gate_branch(decision, approval)
         log.info("%s", why)
         return branch
 
-    @task
-    def skip_release(decision: dict) -> None:
-        """The gate kept the champion; say so where people look first."""
-        log.info("No release: %s", decision["summary"])
+    @task(trigger_rule="none_failed_min_one_success")
+    def skip_release(decision: dict, approval: dict | None) -> None:
+        """The gate kept the champion, or a person rejected the candidate; say so where people look first."""
+        log.info("No release: %s", decisions.final_summary(decision, approval))
 
     changed = data_or_params_changed(prep.output)
     plan = step("plan_hpo")
@@ -95,16 +109,26 @@ def ecommerce_chatbot_training():
     # The whole evaluate manifest goes as JSON; force_deploy renders as true / false, as the step reads it.
     gate = step("quality_gate", inputs={"evaluation": evaluate.output,
                                         "force_deploy": "{{ params.force_deploy | lower }}"})
+    # Asks a person only when decisions.approval_needed says so; skipped (and record_approval with it) otherwise.
+    approve = GateApprovalOperator(task_id="approve_release", decision=gate.output,
+                                   timeout_s=CFG.gate.approval_timeout_s)
+    record = step("record_approval", inputs={"decision_id": gate.output["decision_id"], "approval": approve.output})
     register = step("register_model", inputs={**tuned, "snapshot_id": prep.output["snapshot_id"],
-                                              "decision_id": gate.output["decision_id"]})
+                                              "decision_id": gate.output["decision_id"]},
+                    outlets=[ASSETS.model], outlet_fields=assets.MODEL_FIELDS)
     version = {"registry_version": register.output["version"]}
     push = step("push_to_hub", inputs={"adapter_uri": tune.output["adapter_uri"], **version})
     # Runs after a push that was skipped for lack of a token too (that push succeeds), never after skip_release.
     deploy = step("deploy_chat_service", inputs={**version, "snapshot_id": prep.output["snapshot_id"]})
+    # A canary (release.canary_share > 0) is judged on live chats: poll its reply count, giving the worker slot back
+    # between polls, then promote or roll back. Without a canary both finish at once.
+    wait = step_poll("canary_status", task_id="wait_for_canary", inputs=version,
+                     poke_interval_s=CFG.release.canary_poll_s, timeout_s=CFG.release.canary_timeout_s + 3600)
+    verdict = step("canary_verdict", inputs=version)
 
     sync >> prep >> changed >> plan >> trials >> best >> tune >> evaluate >> gate
-    release_or_skip(gate.output) >> [register, skip_release(gate.output)]
-    register >> push >> deploy
+    release_or_skip(gate.output, record.output) >> [register, skip_release(gate.output, record.output)]
+    register >> push >> deploy >> wait >> verdict
 
 
 ecommerce_chatbot_training()

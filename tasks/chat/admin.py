@@ -1,5 +1,6 @@
-"""Admin endpoints: hot reload of the serving model. Bearer token from $ECB_CHAT_ADMIN_TOKEN (read per request),
-compared in constant time; without a configured token every admin call is refused."""
+"""Admin endpoints: hot reload of the served models, and conversations pinned to one of them (the deploy step's
+smoke test of a canary). Bearer token from $ECB_CHAT_ADMIN_TOKEN (read per request), compared in constant time;
+without a configured token every admin call is refused."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import logging
 from flask import Blueprint, current_app, jsonify, request
 
 from tasks import env
-from tasks.chat.api import ApiError
+from tasks.chat.api import ApiError, conversation_on
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 log = logging.getLogger("tasks.chat.admin")
@@ -23,14 +24,20 @@ def require_admin() -> None:
         raise ApiError(401, "admin token required", {"WWW-Authenticate": 'Bearer realm="ecb-chat-admin"'})
 
 
-@bp.post("/reload")
-def reload():
-    """Load the champion (or body.model_uri) in the background; requests keep running on the current model."""
-    require_admin()
+def _json_body() -> dict:
     body = request.get_json(silent=True) if request.data else {}
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
-    uri = body.get("model_uri")
+    return body
+
+
+@bp.post("/reload")
+def reload():
+    """Load what the registry's aliases say (champion, and candidate when it is a canary) in the background; requests
+    keep running on the current models. ``model_uri`` serves that one model only, in this process: a development
+    override that a restart forgets (the aliases are what a restart serves)."""
+    require_admin()
+    uri = _json_body().get("model_uri")
     if uri is not None and (not isinstance(uri, str) or not uri.strip()):
         raise ApiError(400, "'model_uri' must be a non-empty string")
     state = current_app.extensions["ecb_model"]
@@ -38,3 +45,17 @@ def reload():
     current = state.handle.version if state.handle else None
     log.info("admin reload %s (serving %s)", "started" if started else "already running", current)
     return jsonify(status="loading", started=started, serving_version=current, reload=state.reload_state), 202
+
+
+@bp.post("/conversations")
+def pinned_conversation():
+    """A conversation on ``arm`` ("champion" or "candidate"): lets the deploy step smoke-test a canary for sure."""
+    require_admin()
+    arm = _json_body().get("arm", "champion")
+    state = current_app.extensions["ecb_model"]
+    if arm not in ("champion", "candidate"):
+        raise ApiError(400, "'arm' must be 'champion' or 'candidate'")
+    handle = state.candidate if arm == "candidate" else state.handle
+    if handle is None:
+        raise ApiError(409, f"no {arm} model is being served")
+    return conversation_on(handle)

@@ -73,11 +73,13 @@ def _body() -> dict:
     return body
 
 
-def _owned(conversation_id: str) -> str:
+def _owned(conversation_id: str) -> tuple[str, dict]:
+    """(client token, the conversation's stored fields) or 404."""
     token = request.headers.get(TOKEN_HEADER, "")
-    if not store.owns(conversation_id, token):
+    conv = store.owned(conversation_id, token)
+    if conv is None:
         raise ApiError(404, "conversation not found")
-    return token
+    return token, conv
 
 
 @bp.get("/healthz")
@@ -100,24 +102,38 @@ def openapi():
 
 @bp.get("/api/model")
 def model_info():
+    """The champion's fields at the top level; ``candidate`` is the canary beside it (with its share) or null."""
     state = _state()
-    h = state.handle
-    body = {"ready": h is not None, "version": None, "reload": state.reload_state, "queued": state.generator.queued}
+    serving = state.serving  # one read: the champion and candidate of the same swap
+    h = serving.champion
+    body = {"ready": h is not None, "version": None, "reload": state.reload_state, "queued": state.generator.queued,
+            "pinned": state.pinned, "candidate": None}
     if h is not None:
-        i = h.info
-        body.update(version=h.version, name=i.get("name"), alias=i.get("alias"), uri=i.get("uri"),
-                    base_model=i.get("base_model"), loaded_at=time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                             time.gmtime(h.loaded_at)),
-                    lineage={"dag_run_id": i.get("run_id"), "snapshot_id": i.get("snapshot_id"),
-                             "gate_decision": i.get("gate_decision")})
+        body.update(_model_json(h, "champion"))
+    if serving.candidate is not None:
+        body["candidate"] = {**_model_json(serving.candidate, "candidate"), "share": serving.share}
     return jsonify(body)
+
+
+def _model_json(h, arm: str) -> dict:
+    i = h.info
+    return {"version": h.version, "name": i.get("name"), "alias": arm if i.get("name") else i.get("alias"),
+            "uri": i.get("uri"), "base_model": i.get("base_model"),
+            "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(h.loaded_at)),
+            "lineage": {"dag_run_id": i.get("run_id"), "snapshot_id": i.get("snapshot_id"),
+                        "gate_decision": i.get("gate_decision")}}
 
 
 @bp.post("/api/conversations")
 def create_conversation():
     _limiter().check(f"addr:{request.remote_addr}", _cfg().chat.create_limit_per_minute)
-    h = _state().handle
-    cid, token = store.create_conversation(h.version if h else None)
+    ids = store.new_ids()
+    return conversation_on(_state().choose(ids[0]), ids)
+
+
+def conversation_on(h, ids: tuple[str, str] | None = None):
+    """Create a conversation that stays on model ``h`` (its version is stored with it)."""
+    cid, token = store.create_conversation(h.version if h else None, ids)
     return jsonify(conversation_id=cid, client_token=token, model_version=h.version if h else None), 201
 
 
@@ -146,10 +162,10 @@ def _message_text(body: dict) -> str:
 @bp.post("/api/conversations/<conversation_id>/messages")
 def send_message(conversation_id: str):
     body = _body()
-    token = _owned(conversation_id)
+    token, conv = _owned(conversation_id)
     content = _message_text(body)
     _limiter().check(f"client:{store.token_hash(token)}", _cfg().chat.rate_limit_per_minute)
-    h = _state().handle
+    h = _state().for_version(conv["model_version"])  # sticky: the version it started on, while that one serves
     if h is None:
         raise ApiError(503, "the model is still loading", {"Retry-After": "5"})
     cfg = _cfg().chat

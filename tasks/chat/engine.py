@@ -12,7 +12,9 @@ CUDA graph; admission, leaving and greedy decoding behave the same.
 
 A request carries the model handle it was admitted with, and the worker only batches requests of one handle: after a
 hot reload swaps the handle, requests already decoding finish on the old model and new ones wait for that batch to
-drain, so no request ever sees a half-swapped model.
+drain, so no request ever sees a half-swapped model. With a canary two handles serve at once: requests are admitted
+in arrival order, so once one for the other model waits, later ones of the running batch's model wait behind it and
+the batch drains; neither model's requests starve while the other has traffic.
 """
 
 from __future__ import annotations
@@ -161,6 +163,7 @@ class Generator:
         A request whose prefill raises gets its error event at once and the others go on being admitted; whatever
         happens, every request taken from ``pending`` is either in the batch, answered, or back in ``pending``."""
         waiting = deque()
+        other_waits = False  # a request for another model is waiting: admit nothing after it (arrival order)
         try:
             while self.pending:
                 job = self.pending.popleft()
@@ -169,7 +172,8 @@ class Generator:
                     continue
                 if job.cancelled.is_set():
                     continue
-                if len(batch.jobs) >= self.max_batch_size or (batch.jobs and job.handle is not batch.handle):
+                other_waits = other_waits or bool(batch.jobs and job.handle is not batch.handle)
+                if other_waits or len(batch.jobs) >= self.max_batch_size:
                     waiting.append(job)
                     continue
                 if not batch.jobs and batch.handle is not job.handle:

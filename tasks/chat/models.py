@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tasks.chat import static_cache
 from tasks.chat.engine import ModelHandle
+from tasks.chat.serving import Target
 from tasks.release.registry import serving_uri
 
 log = logging.getLogger("tasks.chat.models")
@@ -60,6 +61,30 @@ def _gate_decision(decision_id) -> dict | None:
     except Exception as exc:  # lineage is informative; a missing row must not stop serving
         log.warning("gate decision %s not readable: %s", decision_id, type(exc).__name__)
         return None
+
+
+def plan(cfg) -> list:
+    """What the service should serve, from the registry's aliases: the champion first, then the candidate when one
+    is set with a canary share (``chat.model_uri``, when set, names the one model to serve instead). Versions are
+    pinned (``models:/name/N``), so an alias moving while the models load cannot mix two states."""
+    from tasks.release import registry
+
+    if cfg.chat.model_uri:
+        return [Target("champion", cfg.chat.model_uri)]
+    name = cfg.release.registered_model
+    found = registry.aliases(name)
+    if "champion" not in found:
+        raise ModelNotFound(f"registered model {name!r} has no champion alias (aliases: {found or 'none'})")
+    out = [Target("champion", f"models:/{name}/{found['champion']}", found["champion"], name)]
+    candidate = found.get("candidate")
+    if candidate and candidate != found["champion"]:
+        tags = registry.version_tags(name, candidate) or {}
+        share = float(tags.get(registry.CANARY_SHARE_TAG) or 0)
+        if share > 0:
+            out.append(Target("candidate", f"models:/{name}/{candidate}", candidate, name, share))
+        else:
+            log.warning("alias candidate -> version %s has no canary share tag: not served", candidate)
+    return out
 
 
 def load(cfg, uri: str | None = None) -> ModelHandle:

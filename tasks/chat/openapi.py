@@ -18,7 +18,8 @@ NULLABLE_NUM = {"type": "number", "nullable": True}
 def _errors(*codes: int) -> dict:
     text = {400: "Invalid JSON, wrong types or an empty message", 401: "Admin token missing or wrong",
             404: "Unknown conversation or message, or not this client's", 413: "Message over the length limit",
-            429: "Rate limit exceeded", 503: "Model not loaded yet or the queue is full"}
+            409: "No model serves that arm", 429: "Rate limit exceeded",
+            503: "Model not loaded yet or the queue is full"}
     return {str(c): _json(ERR, text[c]) for c in codes}
 
 
@@ -59,7 +60,9 @@ SCHEMAS = {
         "properties": {"ready": {"type": "boolean"}, "version": NULLABLE_STR, "name": NULLABLE_STR,
                        "alias": NULLABLE_STR, "uri": NULLABLE_STR, "base_model": NULLABLE_STR,
                        "loaded_at": {"type": "string"}, "queued": {"type": "integer"},
-                       "reload": {"type": "object"}, "lineage": {"type": "object"}}},
+                       "reload": {"type": "object"}, "lineage": {"type": "object"}, "pinned": NULLABLE_STR,
+                       "candidate": {"type": "object", "nullable": True,
+                                     "description": "The canary served beside the champion (version, share, ...)"}}},
 }
 
 
@@ -103,8 +106,15 @@ def spec(max_message_chars: int = MAX_CHARS) -> dict:
             "requestBody": {"required": True, "content": {"application/json": {
                 "schema": {"$ref": "#/components/schemas/Feedback"}}}},
             "responses": {"200": _json({"type": "object"}, "Stored"), **_errors(400, 404)}}},
+        "/admin/conversations": {"post": {
+            "summary": "A conversation pinned to the champion or the candidate (the deploy step's smoke test)",
+            "security": [{"admin": []}],
+            "requestBody": {"required": False, "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"arm": {"type": "string", "enum": ["champion", "candidate"]}}}}}},
+            "responses": {"201": _json({"$ref": "#/components/schemas/NewConversation"}, "Created"),
+                          **_errors(400, 401, 409)}}},
         "/admin/reload": {"post": {
-            "summary": "Load the champion (or model_uri) in the background and swap it in",
+            "summary": "Load what the registry aliases say (champion, candidate) or only model_uri, then swap it in",
             "security": [{"admin": []}],
             "requestBody": {"required": False, "content": {"application/json": {"schema": {
                 "type": "object", "properties": {"model_uri": {"type": "string"}}}}}},

@@ -22,8 +22,14 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_conversation(model_version: str | None) -> tuple[str, str]:
-    cid, token = secrets.token_urlsafe(24), secrets.token_urlsafe(32)
+def new_ids() -> tuple[str, str]:
+    """A new conversation id and its client token."""
+    return secrets.token_urlsafe(24), secrets.token_urlsafe(32)
+
+
+def create_conversation(model_version: str | None, ids: tuple[str, str] | None = None) -> tuple[str, str]:
+    """Store a conversation on ``model_version`` (its version for good: the canary is sticky per conversation)."""
+    cid, token = ids or new_ids()
     with db.engine().begin() as conn:
         conn.execute(insert(C).values(id=cid, client_token_hash=token_hash(token), model_version=model_version))
     return cid, token
@@ -31,12 +37,19 @@ def create_conversation(model_version: str | None) -> tuple[str, str]:
 
 def owns(conversation_id: str, token: str | None) -> bool:
     """True when the conversation exists and the token is the one issued with it (constant-time compare)."""
+    return owned(conversation_id, token) is not None
+
+
+def owned(conversation_id: str, token: str | None) -> dict | None:
+    """{"model_version": ...} of the conversation when the token is the one issued with it, else None."""
     if not token or not conversation_id or len(conversation_id) > 64 or not conversation_id.isascii() \
             or not conversation_id.isprintable():
-        return False
+        return None
     with db.engine().connect() as conn:
-        stored = conn.execute(select(C.c.client_token_hash).where(C.c.id == conversation_id)).scalar()
-    return stored is not None and hmac.compare_digest(stored, token_hash(token))
+        row = conn.execute(select(C.c.client_token_hash, C.c.model_version).where(C.c.id == conversation_id)).first()
+    if row is None or not hmac.compare_digest(row.client_token_hash, token_hash(token)):
+        return None
+    return {"model_version": row.model_version}
 
 
 def conversation(conversation_id: str) -> dict:

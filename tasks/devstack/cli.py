@@ -1,7 +1,10 @@
 """``ecb``: the command for people.
 
     ecb stack up | down | status | wipe     manage the embedded local stack (see tasks/stack.py)
-    ecb demo                                stack up, upload demo data, run the training DAG through the scheduler
+    ecb demo                                stack up, upload demo data, run the training DAG through the scheduler,
+                                            then one canary cycle (a second release judged on simulated chats)
+    ecb release rollback [--to V] [--reason T] [--by WHO]
+                                            champion -> V (default: the 'previous' alias), chat service reloaded
     ecb config [--env]                      every config field with its default and help text; --env: the
                                             environment variables the steps read (secrets, endpoints, paths)
     ecb shell-env                           print `export ...` lines for the stack's URLs and credentials
@@ -10,9 +13,11 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import subprocess
 import sys
+import threading
 import time
 
 from tasks import env
@@ -120,7 +125,9 @@ def cmd_demo(args) -> int:
     urls = stack.up()
     print("stack up:", ", ".join(f"{k}={v}" for k, v in urls.items()), flush=True)
     wait_for_dag(s)
-    run = trigger_and_wait(s, {"force_retrain": args.force_retrain}, args.timeout)
+    # A champion from an earlier demo makes this run's release a canary too: the simulated users judge it.
+    with SimulatedUsers(f"http://127.0.0.1:{s.get('chat_port', 8000)}"):
+        run = trigger_and_wait(s, {"force_retrain": args.force_retrain}, args.timeout)
     states = stack.airflow_cli(s, "tasks", "states-for-dag-run", DAG_ID, run["run_id"], check=False).stdout
     print(states)
     _print_urls(s)
@@ -128,7 +135,102 @@ def cmd_demo(args) -> int:
         print(f"run {run['run_id']} ended {run['state']}; open the Airflow UI for the task logs", file=sys.stderr)
         return 1
     print(f"run {run['run_id']} succeeded")
-    return ensure_chat_service(s)
+    rc = ensure_chat_service(s)
+    if rc == 0 and not args.no_canary:
+        rc = canary_cycle(s, args)
+    return rc
+
+
+CANARY_RUN = {"force_retrain": True, "force_deploy": True, "hpo.enabled": False, "training.max_steps": 30,
+              "eval.max_examples": 24}  # a short second release: the canary is what this run shows
+
+
+def canary_cycle(s: dict, args) -> int:
+    """One canary end to end: a second (short) training run releases a version as canary beside the champion,
+    simulated users chat and rate replies through the real API while the DAG waits, and the verdict promotes or
+    rolls it back. Needs release.canary_share > 0 (include/config/demo.yaml sets it)."""
+    cfg = load_config()
+    if cfg.release.canary_share <= 0:
+        print("canary cycle skipped: release.canary_share is 0 in this config")
+        return 0
+    print(f"canary cycle: a second release gets {cfg.release.canary_share:.0%} of new chats until "
+          f"{cfg.release.canary_min_messages} candidate replies", flush=True)
+    with SimulatedUsers(f"http://127.0.0.1:{s.get('chat_port', 8000)}") as users:
+        run = trigger_and_wait(s, CANARY_RUN, args.timeout)
+    print(f"simulated traffic: {json.dumps(users.result)}")
+    print(_verdict_sentence() or "no canary verdict recorded (see the canary_verdict task log)")
+    _print_urls(s)
+    return 0 if run["state"] == "success" else 1
+
+
+class SimulatedUsers:
+    """While a DAG run goes on: as soon as the service serves a canary, users chat and rate replies (the verdict
+    needs live signals); otherwise they only watch /api/model."""
+
+    def __init__(self, url: str):
+        self.url, self.done, self.result = url, threading.Event(), {"chats": 0, "failed": 0, "by_version": {}}
+        self.thread = threading.Thread(target=self._run, name="simulated-users", daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join(timeout=180)
+
+    def _run(self) -> None:
+        from tasks.demo import traffic
+
+        announced = False
+        while not self.done.is_set():
+            if not _served(self.url).get("candidate"):
+                self.done.wait(5)
+                continue
+            if not announced:
+                print(f"a canary is served at {self.url}: simulated users start chatting", flush=True)
+                announced = True
+            part = traffic.drive(self.url, 20, traffic.by_reference(), workers=2, stop=self.done,
+                                 seed=self.result["chats"])
+            self.result["chats"] += part["chats"]
+            self.result["failed"] += part["failed"]
+            for v, counts in part["by_version"].items():
+                mine = self.result["by_version"].setdefault(v, {"chats": 0, "up": 0, "down": 0})
+                for key, n in counts.items():
+                    mine[key] += n
+
+
+def _served(url: str) -> dict:
+    from tasks.release import deploy
+
+    return deploy.served_model(url) or {}
+
+
+def _verdict_sentence() -> str | None:
+    from sqlalchemy import select
+
+    from tasks.io import db, schema
+
+    r = schema.releases
+    query = select(r.c.verdict).where(r.c.verdict.is_not(None)).order_by(r.c.id.desc()).limit(1)
+    verdict = db.transaction(lambda conn: conn.execute(query).scalar(), what="read the last canary verdict")
+    return (verdict or {}).get("sentence")
+
+
+def cmd_release(args) -> int:
+    """`ecb release rollback`: the rollback_release step with the stack's environment, as the rollback DAG runs it."""
+    s = stack.load_settings()
+    if not s:
+        raise stack.StackError(f"no local stack in {stack.state_dir()}: run `ecb stack up` first")
+    inputs = ["--input", f"reason={args.reason}", "--input", f"by={args.by or getpass.getuser()}"]
+    if args.to:
+        inputs += ["--input", f"to={args.to}"]
+    for override in args.set:
+        inputs += ["--set", override]
+    manifest = run_step(s, "rollback_release", f"rollback-{time.strftime('%Y%m%dT%H%M%S')}", *inputs)
+    print(f"{manifest['registered_model']}: champion is version {manifest['version']} (demoted: "
+          f"{', '.join(manifest['demoted']) or 'none'}); {manifest['service_url']} serves it")
+    return 0
 
 
 def ensure_chat_service(s: dict) -> int:
@@ -188,7 +290,17 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--force-retrain", action="store_true")
     demo.add_argument("--timeout", type=float, default=1800)
+    demo.add_argument("--no-canary", action="store_true", help="skip the canary cycle after the first run")
     demo.set_defaults(func=cmd_demo)
+    rel = sub.add_parser("release", help="release actions on the local stack")
+    rel_sub = rel.add_subparsers(dest="action", required=True)
+    rb = rel_sub.add_parser("rollback", help="serve an earlier registered version again")
+    rb.add_argument("--to", default=None, help="registered version (default: the registry's 'previous' alias)")
+    rb.add_argument("--reason", default="manual rollback", help="why (stored in the releases table)")
+    rb.add_argument("--by", default=None, help="who (default: the OS user)")
+    rb.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="config override, e.g. release.registered_model=NAME")
+    rb.set_defaults(func=cmd_release)
     conf = sub.add_parser("config", help="list config fields (--env: environment variables)")
     conf.add_argument("--env", action="store_true", help="list the environment variables the steps read instead")
     conf.set_defaults(func=cmd_config)

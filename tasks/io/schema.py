@@ -11,6 +11,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     SmallInteger,
@@ -135,6 +136,12 @@ gate_decisions = Table(
     Column("threshold", Float),
     Column("reasons", JSONB, nullable=False),
     Column("summary", Text, nullable=False),
+    # a person's answer (0005), written by record_approval: approved / rejected / timed_out, NULL = nobody asked
+    Column("approval_status", String(16)),
+    Column("approval_reason", Text),
+    Column("approval_by", String(250)),
+    Column("approval_comment", Text),
+    Column("approval_at", DateTime(timezone=True)),
     _ts(),
 )
 
@@ -150,6 +157,13 @@ releases = Table(
     Column("service_url", Text),
     Column("status", String(32), nullable=False),
     Column("detail", Text),
+    # canary (0004): the share it got, when the service first served it, and the verdict; who/why of a rollback
+    Column("canary_share", Float),
+    Column("canary_started_at", DateTime(timezone=True)),
+    Column("decided_at", DateTime(timezone=True)),
+    Column("verdict", JSONB),
+    Column("actor", String(128)),
+    Column("reason", Text),
     _ts(), _ts("updated_at"),
 )
 
@@ -175,6 +189,7 @@ messages = Table(
     Column("completion_tokens", Integer),
     Column("finish_reason", String(16)),
     _ts(),
+    Index("ix_messages_created_at", "created_at"),  # the canary verdict reads the replies since the canary began
 )
 
 feedback = Table(

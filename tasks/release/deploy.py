@@ -1,6 +1,9 @@
 """Putting a model version in front of users: the local chat service (gunicorn, detached) started or hot-reloaded,
 then waiting until it serves the version and sending one smoke-test chat. Container modes roll out through
-tasks/release/rollout.py and share the waiting and the smoke test."""
+tasks/release/rollout.py and share the waiting and the smoke test.
+
+The service serves what the registry's aliases say (champion, and candidate for a canary); a reload, like a restart,
+reads them again, so nothing here tells the service a model: it moves the aliases, then asks it to look."""
 
 from __future__ import annotations
 
@@ -13,7 +16,6 @@ import urllib.request
 from tasks import env
 from tasks.errors import StepError
 from tasks.io.procs import Proc, state_dir
-from tasks.release.registry import serving_uri
 
 log = logging.getLogger("tasks.release.deploy")
 CHAT = Proc("chat")  # the local chat service: started by deploy_chat_service, stopped with the stack
@@ -50,50 +52,100 @@ def gunicorn_argv(host: str, port: int, threads: int) -> list[str]:
             "--access-logfile", "-", "tasks.chat:create_app()"]
 
 
+def config_file():
+    return state_dir() / "chat" / "config.yaml"
+
+
 def start_or_reload_local(cfg) -> str:
     """Start gunicorn when nothing serves on the port, otherwise ask the service to reload; returns its URL.
 
-    The service gets this run's resolved config (a file in the state folder), so per-run overrides such as the
-    registered model name reach it; a running service is told the model to load in the reload request."""
+    The service runs this run's resolved config (a file in the state folder, rewritten here every time), so per-run
+    overrides such as the registered model name reach it; it reads that file again on reload, as a restart would."""
     import yaml
 
     port = cfg.chat.port
     url = f"http://{cfg.chat.host}:{port}"
     token = admin_token()
+    path = config_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if served_model(url) is not None:
-        status, body = _http("POST", f"{url}/admin/reload", {"model_uri": serving_uri(cfg)},
-                             {"Authorization": f"Bearer {token}"})
-        log.info("chat service at %s is running version %s: reload requested (HTTP %d)", url,
-                 body.get("serving_version"), status)
+        request_reload(url, token, cfg.chat.deploy_timeout_s)
         return url
     argv = gunicorn_argv(cfg.chat.host, port, cfg.chat.threads)
-    config_file = state_dir() / "chat" / "config.yaml"
-    config_file.parent.mkdir(parents=True, exist_ok=True)
-    config_file.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     # The config file alone (not the step's layered ECB_CONFIG): the service runs exactly this run's settings.
-    pid = CHAT.start(argv, env.child({"ECB_CHAT_ADMIN_TOKEN": token, "ECB_CONFIG": str(config_file)}))
+    pid = CHAT.start(argv, env.child({"ECB_CHAT_ADMIN_TOKEN": token, "ECB_CONFIG": str(path)}))
     log.info("started the chat service (gunicorn pid %d) on %s; log: %s", pid, url, CHAT.log)
     return url
 
 
-def wait_for_version(url: str, version: str, timeout_s: float, alive=None) -> dict:
-    """Poll /api/model until it serves ``version``; raise with the last state seen otherwise."""
+def request_reload(url: str, token: str, timeout_s: float) -> None:
+    """POST /admin/reload until the service starts a reload of its own (one already running may have read the
+    aliases before they moved, so it does not count)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status, body = _http("POST", f"{url}/admin/reload", {}, {"Authorization": f"Bearer {token}"})
+        if body.get("started") or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    log.info("chat service at %s serves version %s: reload %s (HTTP %d)", url, body.get("serving_version"),
+             "requested" if body.get("started") else "still busy with an earlier one", status)
+
+
+def redeploy(cfg, champion: str, candidate=None, restart: bool = False) -> tuple[str, dict]:
+    """After the aliases moved: make the service read them and wait until it serves ``champion`` and ``candidate``
+    (None: no canary; ANY: whatever it takes up). Returns (url, /api/model).
+
+    Local: reload it, or start it. Kubernetes: a rolling restart (every replica must read the aliases). Docker: a
+    restart when ``restart`` (the deploy step, which gets the Docker socket), else a reload over HTTP (the one compose
+    container keeps serving while it swaps)."""
+    from tasks.release import rollout
+
+    mode, alive = cfg.execution.mode, None
+    if mode == "local":
+        url = start_or_reload_local(cfg)
+        alive = lambda: CHAT.pid() is not None or served_model(url) is not None  # noqa: E731
+    elif mode == "docker" and not restart:
+        url = rollout.chat_url(cfg.execution, mode)
+        request_reload(url, admin_token(), cfg.chat.deploy_timeout_s)
+    else:
+        url = rollout.roll_out(cfg, mode)
+    return url, wait_for_version(url, champion, cfg.chat.deploy_timeout_s, alive, candidate=candidate)
+
+
+ANY = object()  # wait_for_version: whatever candidate is served
+
+
+def _candidate(info: dict) -> str | None:
+    return (info.get("candidate") or {}).get("version")
+
+
+def wait_for_version(url: str, version: str, timeout_s: float, alive=None, candidate=ANY) -> dict:
+    """Poll /api/model until its champion is ``version`` (and its canary ``candidate``, None = no canary, when
+    given); raise with the last state seen otherwise."""
     deadline, last = time.monotonic() + timeout_s, None
     while time.monotonic() < deadline:
         last = served_model(url)
-        if last and last.get("version") == version:
+        if last and last.get("version") == version and (candidate is ANY or _candidate(last) == candidate):
             return last
         if last and last.get("reload", {}).get("state") == "failed":
             raise StepError(f"the chat service at {url} could not load version {version}: {last['reload']['error']}")
         if alive is not None and not alive():
             raise StepError(f"the chat service process exited before serving version {version}; see its log")
         time.sleep(1)
-    seen = f"it serves {last.get('version')!r} (reload: {last.get('reload')})" if last else "it never answered"
-    raise StepError(f"the chat service at {url} did not serve version {version} within {timeout_s:.0f}s: {seen}")
+    seen = (f"it serves {last.get('version')!r} with canary {_candidate(last)!r} (reload: {last.get('reload')})"
+            if last else "it never answered")
+    want = f"version {version}" + ("" if candidate is ANY else f" with canary {candidate!r}")
+    raise StepError(f"the chat service at {url} did not serve {want} within {timeout_s:.0f}s: {seen}")
 
 
-def smoke_test(url: str) -> dict:
-    _, conv = _http("POST", f"{url}/api/conversations", {})
+def smoke_test(url: str, arm: str | None = None) -> dict:
+    """One chat; ``arm`` ("candidate") pins it to that model through the admin API, else the public API chooses."""
+    if arm:
+        _, conv = _http("POST", f"{url}/admin/conversations", {"arm": arm},
+                        {"Authorization": f"Bearer {admin_token()}"})
+    else:
+        _, conv = _http("POST", f"{url}/api/conversations", {})
     status, reply = _http("POST", f"{url}/api/conversations/{conv['conversation_id']}/messages",
                           {"content": SMOKE_QUESTION, "stream": False},
                           {"X-Client-Token": conv["client_token"]}, timeout=120)

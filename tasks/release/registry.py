@@ -45,11 +45,17 @@ def version_info(mv) -> dict:
 def champion(name: str) -> dict | None:
     """The version behind the `champion` alias, None when there is none; RegistryUnavailable when the registry
     cannot be asked (the gate then fails closed)."""
+    return by_alias(name, "champion")
+
+
+def by_alias(name: str, alias: str) -> dict | None:
+    """The version behind ``alias`` of registered model ``name`` (version_info), None when the model or the alias
+    does not exist; RegistryUnavailable when the registry cannot be asked."""
     from mlflow.exceptions import MlflowException
 
     try:
         client = registry_client()
-        return version_info(client.get_model_version_by_alias(name, "champion"))
+        return version_info(client.get_model_version_by_alias(name, alias))
     except MlflowException as exc:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
@@ -59,11 +65,14 @@ def champion(name: str) -> dict | None:
 
 
 def git_commit() -> str:
+    """The commit of this checkout; in an image (no .git, maybe no git) the one it was built from (ECB_GIT_COMMIT)."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return env.get("ECB_GIT_COMMIT", "unknown")
+        head = ""
+    # git installed but no repository (an image built without .git) prints nothing: fall back to the build arg too
+    return head or env.get("ECB_GIT_COMMIT") or "unknown"
 
 
 def version_of_run(client, name: str, run_id: str):
@@ -92,3 +101,65 @@ def log_candidate(mlflow_run_id: str, adapter_uri: str, cfg) -> str:
                                            model_config={"base_model": cfg.model.base_model,
                                                          "max_new_tokens": cfg.eval.max_new_tokens})
     return info.model_uri
+
+
+# --- aliases of a release: champion (serving), candidate (the canary beside it), previous (the one before) ---------
+CANARY_SHARE_TAG = "ecb.canary_share"  # on the candidate version: the share of conversations it gets
+
+
+def _registry_call(fn, *args):
+    """Run a registry call; RegistryUnavailable when the registry cannot be asked."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return fn(registry_client(), *args)
+    except MlflowException as exc:
+        raise RegistryUnavailable(str(exc)) from exc
+    except (OSError, ConnectionError) as exc:
+        raise RegistryUnavailable(str(exc)) from exc
+
+
+def aliases(name: str) -> dict[str, str]:
+    """{alias: version} of registered model ``name`` ({} when the model does not exist)."""
+    from mlflow.exceptions import MlflowException
+
+    def read(client):
+        try:
+            return {a: str(v) for a, v in (client.get_registered_model(name).aliases or {}).items()}
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return {}
+            raise
+
+    return _registry_call(read)
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    _registry_call(lambda c: c.set_registered_model_alias(name, alias, str(version)))
+
+
+def delete_alias(name: str, alias: str) -> bool:
+    """Remove ``alias``; False when it was not set (idempotent)."""
+    if alias not in aliases(name):
+        return False
+    _registry_call(lambda c: c.delete_registered_model_alias(name, alias))
+    return True
+
+
+def version_tags(name: str, version: str) -> dict | None:
+    """Tags of one registered version; None when the version does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    def read(client):
+        try:
+            return dict(client.get_model_version(name, str(version)).tags or {})
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                return None
+            raise
+
+    return _registry_call(read)
+
+
+def set_version_tag(name: str, version: str, key: str, value: str) -> None:
+    _registry_call(lambda c: c.set_model_version_tag(name, str(version), key, value))

@@ -1,12 +1,17 @@
-"""Deploy the chat service with the newly registered champion: the DAG's final step.
+"""Deploy the chat service with the newly registered version: as the champion, or as a canary beside it.
 
     python -m tasks deploy_chat_service --run-id R --input registry_version=N
 
 Local mode: start the service (gunicorn, detached, pid and log in the state folder) when it is not running, or ask
-the running one to reload its champion (``POST /admin/reload``). Container modes: restart the compose service or
-roll out the Kubernetes deployment (tasks/release/rollout.py). Then wait until ``/api/model`` serves the expected
-version, send one smoke-test chat, and record the URL and version in the run's ``releases`` row. When the service does
-not come up, the step fails with the reason and the row says ``deploy_failed``.
+the running one to reload (``POST /admin/reload``: it reads the registry's aliases again). Container modes: restart
+the compose service or roll out the Kubernetes deployment (tasks/release/rollout.py). Then wait until ``/api/model``
+serves the expected versions, send one smoke-test chat, and record the URL and version in the run's ``releases`` row.
+When the service does not come up, the step fails with the reason and the row says ``deploy_failed``.
+
+Canary (``release.canary_share`` > 0 and register_model set the ``candidate`` alias on this version): the version gets
+the share as a tag, the service serves it beside the champion, the smoke test chats with the candidate, and the row
+says ``canary`` with the share and the time the canary began (the canary verdict step decides later). Without an
+input the step serves whatever the aliases say (a redeploy, e.g. after the machine restarted).
 """
 
 from __future__ import annotations
@@ -15,14 +20,15 @@ import logging
 
 from tasks.context import StepContext
 from tasks.errors import StepError
-from tasks.release import deploy
-from tasks.release.registry import champion, serving_uri
+from tasks.release import deploy, registry
+from tasks.release.registry import serving_uri
 
 log = logging.getLogger("tasks.steps.deploy_chat_service")
-def record(ctx: StepContext, version: str, url: str, status: str, detail: str) -> None:
+def record(ctx: StepContext, version: str, url: str, status: str, detail: str, canary_share: float | None = None,
+           canary_started: bool = False) -> None:
     """Mark the release row of this run (or, for a redeploy outside a training run, the row of the run that
     registered this version) with the service URL and the outcome; never a new row."""
-    from sqlalchemy import select, update
+    from sqlalchemy import func, select, update
 
     from tasks.io import db, schema
 
@@ -36,31 +42,59 @@ def record(ctx: StepContext, version: str, url: str, status: str, detail: str) -
         # keep what earlier steps said (e.g. why the Hub push was skipped); a retry replaces its own part only
         earlier = (row.detail or "").split(" | deploy: ")[0]
         detail = f"{earlier} | deploy: {detail}" if earlier else f"deploy: {detail}"
-        conn.execute(update(r).where(r.c.id == row.id).values(service_url=url, status=status, detail=detail))
+        values = {"service_url": url, "status": status, "detail": detail}
+        if canary_started:  # the first start counts: a retried deploy does not restart the canary's clock
+            values.update(canary_share=canary_share, canary_started_at=func.coalesce(r.c.canary_started_at, func.now()))
+        conn.execute(update(r).where(r.c.id == row.id).values(**values))
 
 
 def run(ctx: StepContext) -> dict:
     cfg = ctx.config
-    version = ctx.inputs.get("registry_version") or (champion(cfg.release.registered_model) or {}).get("version")
-    if not version:
-        raise StepError(f"nothing to deploy: no registry_version input and no champion for {serving_uri(cfg)}")
+    name = cfg.release.registered_model
+    try:
+        found = registry.aliases(name)
+        version, candidate, canary = plan(ctx, found)
+        if canary:
+            registry.set_version_tag(name, candidate, registry.CANARY_SHARE_TAG, str(cfg.release.canary_share))
+        elif ctx.inputs.get("registry_version") and found.get("candidate"):
+            # this release replaced the champion directly: an older canary is void (it would serve beside it)
+            registry.delete_alias(name, "candidate")
+            log.info("removed the stale candidate alias (version %s): version %s replaces the champion directly",
+                     found["candidate"], version)
+    except registry.RegistryUnavailable as exc:
+        raise StepError(f"deploy_chat_service: the model registry is unreachable: {exc}") from exc
+    serving = candidate if canary else version
     mode = cfg.execution.mode  # the Airflow side passes the resolved mode (--set execution.mode=...)
     url = None
     try:
-        if mode == "local":
-            url = deploy.start_or_reload_local(cfg)
-            alive = lambda: deploy.CHAT.pid() is not None or deploy.served_model(url) is not None  # noqa: E731
-        else:
-            from tasks.release import rollout
-
-            url, alive = rollout.roll_out(cfg, mode), None
-        info = deploy.wait_for_version(url, str(version), cfg.chat.deploy_timeout_s, alive)
-        msg = deploy.smoke_test(url)
+        # a release expects exactly its canary or none; a redeploy whatever candidate the service takes up
+        expect = candidate if canary else (None if ctx.inputs.get("registry_version") else deploy.ANY)
+        url, info = deploy.redeploy(cfg, version, expect, restart=True)
+        msg = deploy.smoke_test(url, arm="candidate" if canary else None)
     except (StepError, OSError, ValueError) as exc:
-        record(ctx, str(version), url or "", "deploy_failed", str(exc)[:2000])
+        record(ctx, serving, url or "", "deploy_failed", str(exc)[:2000])
         raise StepError(f"deploy_chat_service failed ({mode} mode): {exc}") from exc
-    detail = (f"serving version {version} since {info.get('loaded_at')}; smoke test: {msg['completion_tokens']} "
-              f"tokens in {msg['latency_ms']:.0f} ms")
-    record(ctx, str(version), url, "deployed", detail)
-    log.info("deployed: %s serves %s version %s; %s", url, info.get("name"), version, detail)
-    return {"service_url": url, "version": str(version), "mode": mode, "smoke_latency_ms": msg["latency_ms"]}
+    smoke = f"smoke test: {msg['completion_tokens']} tokens in {msg['latency_ms']:.0f} ms"
+    if canary:
+        detail = (f"canary: version {candidate} serves {cfg.release.canary_share:.0%} of new conversations beside "
+                  f"champion {version} since {info['candidate'].get('loaded_at')}; {smoke}")
+        record(ctx, candidate, url, "canary", detail, canary_share=cfg.release.canary_share, canary_started=True)
+    else:
+        detail = f"serving version {version} since {info.get('loaded_at')}; {smoke}"
+        record(ctx, version, url, "deployed", detail)
+    log.info("deployed: %s serves %s version %s; %s", url, info.get("name"), serving, detail)
+    return {"service_url": url, "version": serving, "champion_version": version, "canary": canary, "mode": mode,
+            "smoke_latency_ms": msg["latency_ms"]}
+
+
+def plan(ctx: StepContext, found: dict) -> tuple[str, str | None, bool]:
+    """(champion version to serve, candidate version or None, whether this deploy starts a canary)."""
+    wanted = ctx.inputs.get("registry_version")
+    champ, cand = found.get("champion"), found.get("candidate")
+    if not wanted:  # a redeploy: whatever the aliases say
+        if not champ:
+            raise StepError(f"nothing to deploy: no registry_version input and no champion for "
+                            f"{serving_uri(ctx.config)}")
+        return champ, cand, False
+    canary = ctx.config.release.canary_share > 0 and cand == str(wanted) and champ not in (None, str(wanted))
+    return (champ, str(wanted), True) if canary else (str(wanted), None, False)

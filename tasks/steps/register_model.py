@@ -19,6 +19,7 @@ from tasks.errors import StepError
 from tasks.io import db, schema
 from tasks.release.registry import (
     RegistryUnavailable,
+    by_alias,
     champion,
     git_commit,
     log_candidate,
@@ -39,7 +40,7 @@ def run(ctx: StepContext) -> dict:
     where, mv = f"model registry (MLflow at {env.get('MLFLOW_TRACKING_URI') or 'unset'})", None
     try:
         client = registry_client()
-        previous = champion(name)
+        current = champion(name)
         mv = version_of_run(client, name, ctx.run_id)
         if mv is None:
             if not mlflow_run:
@@ -55,9 +56,16 @@ def run(ctx: StepContext) -> dict:
             log.info("registered %s version %s from %s", name, mv.version, model_uri)
         else:
             log.info("%s version %s is already registered for run %s; reusing it", name, mv.version, ctx.run_id)
-        if previous and previous["version"] != str(mv.version):
-            client.set_registered_model_alias(name, "previous", previous["version"])
-        client.set_registered_model_alias(name, "champion", mv.version)
+        # A canary (release.canary_share > 0 over an existing champion) only gets the candidate alias: the champion
+        # and previous aliases move when the canary verdict promotes it (tasks/release/canary.py).
+        alias = "candidate" if cfg.release.canary_share > 0 and current and current["version"] != str(mv.version) \
+            else "champion"
+        if alias == "candidate":
+            previous = current
+            client.set_registered_model_alias(name, "candidate", mv.version)
+        else:
+            previous = previous_of(client, name, current, str(mv.version))
+            client.set_registered_model_alias(name, "champion", mv.version)
     except RegistryUnavailable as exc:
         raise StepError(f"{where} unreachable, nothing registered and no alias moved: {exc}") from exc
     except MlflowException as exc:  # the server went away (or failed) part-way: the champion alias moves last
@@ -65,11 +73,28 @@ def run(ctx: StepContext) -> dict:
                 else "nothing registered and no alias moved")
         raise StepError(f"{where} failed during register_model ({done}; a rerun completes it): {exc}") from exc
     record_release(ctx, snapshot_id, str(mv.version))
-    log.info("alias champion -> %s version %s%s", name, mv.version,
-             f" (previous -> version {previous['version']})" if previous and previous["version"] != str(mv.version)
-             else "")
+    log.info("alias %s -> %s version %s (previous: %s)", alias, name, mv.version,
+             f"version {previous['version']}" if previous else "none, this is the first release")
     return {"registered_model": name, "version": str(mv.version), "previous_version": previous and
-            previous["version"], "adapter_uri": adapter_uri, "snapshot_id": snapshot_id}
+            previous["version"], "adapter_uri": adapter_uri, "snapshot_id": snapshot_id, "alias": alias}
+
+
+def previous_of(client, name: str, current: dict | None, version: str) -> dict | None:
+    """The version released before ``version``; moves the `previous` alias to the champion it replaces.
+
+    On a rerun the champion alias may already be on ``version`` (the first attempt got that far): the one before
+    it is then the version the `previous` alias names, not the champion (that would report the release as its own
+    predecessor), and no alias moves.
+    """
+    if current is None:
+        return None
+    if current["version"] != version:
+        client.set_registered_model_alias(name, "previous", current["version"])
+        return current
+    before = by_alias(name, "previous")
+    log.info("%s version %s is already the champion (a rerun); previous alias: %s", name, version,
+             f"version {before['version']}" if before else "none")
+    return before
 
 
 def record_release(ctx: StepContext, snapshot_id: str, version: str) -> None:

@@ -274,3 +274,95 @@ def test_reload_under_concurrent_chats_loses_nothing(services, tiny_base_model, 
     after = [v for _, v, started in results if started > swapped_at]
     assert len(after) >= 6 and set(after) == {"local:tiny-v2"}  # every chat started after the swap: new model
     assert app.test_client().get("/api/model").get_json()["version"] == "local:tiny-v2"
+
+
+def wait_reload(state) -> None:
+    while state.reload_state["state"] == "loading":
+        threading.Event().wait(0.05)
+
+
+def test_canary_serves_its_share_sticky_per_conversation_and_a_rollback_loses_nothing(services, tiny_base_model,
+                                                                                     tmp_path, monkeypatch):
+    """Two models in one process: new conversations go to the candidate with its share and stay on their version;
+    the admin API pins a conversation to the candidate; when the plan drops the candidate (a rollback), chats running
+    meanwhile all succeed, and conversations that were on it continue on the champion."""
+    from tasks.chat.serving import Target
+
+    monkeypatch.setenv("ECB_CHAT_ADMIN_TOKEN", ADMIN)
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    v2 = tmp_path / "tiny-v2"
+    shutil.copytree(tiny_base_model, v2)
+    app = make_app(tiny_base_model, rate_limit_per_minute=10000, create_limit_per_minute=10000, max_new_tokens=4)
+    state, client = app.extensions["ecb_model"], app.test_client()
+    champion, candidate = f"local:{tiny_base_model.name}", "local:tiny-v2"
+    state.planner = lambda cfg: [Target("champion", str(tiny_base_model)), Target("candidate", str(v2), share=0.5)]
+    assert client.post("/admin/reload", json={}, headers=admin).status_code == 202
+    wait_reload(state)
+    info = client.get("/api/model").get_json()
+    assert info["version"] == champion and info["alias"] is None and state.reload_state["state"] == "idle"
+    assert info["candidate"]["version"] == candidate and info["candidate"]["share"] == 0.5
+
+    convs = []
+    for i in range(40):
+        cid, auth = new_conversation(client)
+        for turn in range(2):
+            r = client.post(f"/api/conversations/{cid}/messages", json={"content": f"order {i}.{turn}"}, headers=auth)
+            assert r.status_code == 200
+        convs.append((cid, auth, client.get(f"/api/conversations/{cid}", headers=auth).get_json()))
+    on = {c["model_version"] for _, _, c in convs}
+    assert on == {champion, candidate}
+    assert 6 <= sum(c["model_version"] == candidate for _, _, c in convs) <= 34  # binomial(40, 0.5), p > 0.9999
+    for _, _, conv in convs:  # sticky: every reply by the version the conversation started on
+        assert {m["model_version"] for m in conv["messages"]} == {conv["model_version"]}
+
+    r = client.post("/admin/conversations", json={"arm": "candidate"}, headers=admin)
+    assert r.status_code == 201 and r.get_json()["model_version"] == candidate
+    pinned = r.get_json()
+    reply = client.post(f"/api/conversations/{pinned['conversation_id']}/messages", json={"content": "hi"},
+                        headers={"X-Client-Token": pinned["client_token"]}).get_json()
+    assert reply["message"]["model_version"] == candidate
+    assert client.post("/admin/conversations", json={"arm": "x"}, headers=admin).status_code == 400
+    assert client.post("/admin/conversations", json={"arm": "candidate"}).status_code == 401
+
+    # Rollback: the plan says champion only. Chats keep going while the service swaps.
+    state.planner = lambda cfg: [Target("champion", str(tiny_base_model))]
+    results, stop = [], threading.Event()
+
+    def load_loop(n: int):
+        c = app.test_client()
+        while not stop.is_set():
+            cid, auth = new_conversation(c)
+            r = c.post(f"/api/conversations/{cid}/messages", json={"content": f"late {n}"}, headers=auth)
+            results.append((r.status_code, r.get_json()["message"]["model_version"] if r.status_code == 200 else None))
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(load_loop, n) for n in range(4)]
+        while len(results) < 4:
+            threading.Event().wait(0.05)
+        assert client.post("/admin/reload", json={}, headers=admin).status_code == 202
+        wait_reload(state)
+        n_at_swap = len(results)
+        while len(results) < n_at_swap + 8:
+            threading.Event().wait(0.05)
+        stop.set()
+        for f in futures:
+            f.result()
+    assert [code for code, _ in results if code != 200] == []
+    assert {v for _, v in results[n_at_swap + 4:]} == {champion}  # a few in flight at the swap may still say v2
+    assert client.get("/api/model").get_json()["candidate"] is None
+    cid, auth, conv = next(c for c in convs if c[2]["model_version"] == candidate)
+    r = client.post(f"/api/conversations/{cid}/messages", json={"content": "still there?"}, headers=auth)
+    assert r.status_code == 200 and r.get_json()["message"]["model_version"] == champion
+
+
+def test_a_candidate_that_cannot_load_leaves_the_champion_serving(services, tiny_base_model, tmp_path):
+    from tasks.chat.serving import Target
+
+    app = make_app(tiny_base_model)
+    state = app.extensions["ecb_model"]
+    state.planner = lambda cfg: [Target("champion", str(tiny_base_model)),
+                                 Target("candidate", str(tmp_path / "missing"), "7", "m", 0.5)]
+    state.reload(wait=True)
+    info = app.test_client().get("/api/model").get_json()
+    assert info["version"] == f"local:{tiny_base_model.name}" and info["candidate"] is None
+    assert info["reload"]["state"] == "failed" and "candidate version 7" in info["reload"]["error"]

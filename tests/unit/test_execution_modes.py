@@ -88,14 +88,17 @@ def references(inputs: dict) -> dict:
 
 def test_every_step_task_exists_in_every_mode(modes, gpu_steps):
     assert set(modes["local"]) == {"sync_raw_data", "prepare_chatml", "plan_hpo", "hpo_trial", "select_best",
-                                   "finetune", "evaluate", "quality_gate", "register_model", "push_to_hub",
-                                   "deploy_chat_service"}
+                                   "finetune", "evaluate", "quality_gate", "record_approval", "register_model",
+                                   "push_to_hub", "deploy_chat_service", "wait_for_canary", "canary_verdict"}
     assert set(modes["docker"]) == set(modes["kubernetes"]) == set(modes["local"])
     assert gpu_steps == {"hpo_trial", "finetune", "evaluate"}
-    # The quality gate is a step like the others: it runs in the configured mode, not always on the worker.
-    assert {type(op).__name__ for op in modes["local"].values()} == {"LocalStepOperator"}
-    assert {type(op).__name__ for op in modes["docker"].values()} == {"DockerStepOperator"}
-    assert {type(op).__name__ for op in modes["kubernetes"].values()} == {"KubernetesStepOperator"}
+    # The quality gate is a step like the others: it runs in the configured mode, not always on the worker; so does
+    # the canary wait (the mode's operator as a rescheduling sensor, ecb_airflow.polling).
+    for mode, cls in (("local", "LocalStepOperator"), ("docker", "DockerStepOperator"),
+                      ("kubernetes", "KubernetesStepOperator")):
+        assert {type(op).__name__ for tid, op in modes[mode].items() if tid != "wait_for_canary"} == {cls}
+        assert type(modes[mode]["wait_for_canary"]).__name__ == f"{cls}Poll"
+        assert type(modes[mode]["wait_for_canary"]).__mro__[2].__name__ == "BaseSensorOperator"
 
 
 def test_step_operators_share_their_fields():
@@ -181,6 +184,39 @@ def test_register_model_reads_the_gate_manifest(modes):
         assert op.render_template(op.inputs, {"ti": ti}) == fields, mode
         assert sorted(ti.pulls) == [("finetune", "adapter_uri"), ("finetune", "mlflow_run_id"),
                                     ("prepare_chatml", "snapshot_id"), ("quality_gate", "decision_id")], mode
+
+
+def test_record_approval_gets_the_answer_as_json(modes):
+    """The approval task's answer (its return_value, a dict) reaches the step as one JSON input, in every mode."""
+    from ecb_airflow.execution import step_arguments
+
+    answer = {"status": "approved", "by": "alice", "at": "2026-12-02T10:00:00+00:00", "comment": "", "reason": "r"}
+    for mode, ops in modes.items():
+        op = ops["record_approval"]
+
+        class TI(_TI):  # quality_gate's decision_id field, approve_release's whole answer
+            def xcom_pull(self, task_ids, key="return_value", **_):
+                self.pulls.append((task_ids, key))
+                return 7 if key == "decision_id" else answer
+
+        ti = TI()
+        inputs = op.render_template(op.inputs, {"ti": ti})
+        assert sorted(ti.pulls) == [("approve_release", "return_value"), ("quality_gate", "decision_id")], mode
+        argv = step_arguments(op.step, {"run_id": "r", "params": PARAMS}, inputs, {})
+        assert argv[-4:] == ["--input", "decision_id=7", "--input", f"approval={json.dumps(answer)}"], mode
+
+
+def test_asset_outlets_in_every_mode(modes):
+    """Whatever runs the step, its task emits the same asset with the manifest fields as extra."""
+    from ecb_airflow.step_operator import attach_manifest_to_outlets
+
+    for mode, ops in modes.items():
+        emitting = {tid: ([a.name for a in op.outlets], op.outlet_fields) for tid, op in ops.items() if op.outlets}
+        assert {tid: names for tid, (names, _) in emitting.items()} == {
+            "sync_raw_data": ["support_conversations_raw"], "prepare_chatml": ["chatml_snapshot"],
+            "register_model": ["chatbot_model"]}, mode
+        assert all(fields for _, fields in emitting.values()), mode
+        assert all(ops[tid]._post_execute_hook is attach_manifest_to_outlets for tid in emitting), mode
 
 
 def test_containers_run_the_local_command(modes):
@@ -330,11 +366,16 @@ CONTAINER_MODULES = ("docker", "kubernetes", "airflow.providers.docker.operators
                      "airflow.providers.cncf.kubernetes.operators", "ecb_airflow.docker_step", "ecb_airflow.k8s_step")
 
 
+# Module -> the provider it may import at module level: the approval task subclasses the standard provider's
+# human-in-the-loop operator (installed with Airflow itself; no container client in it).
+PROVIDER_IMPORTS_ALLOWED = {"approval": "airflow.providers.standard.operators.hitl"}
+
+
 def test_local_mode_imports_no_container_provider():
     for path in (REPO / "plugins" / "ecb_airflow").glob("*.py"):
         if path.stem in ("docker_step", "k8s_step"):
             continue
-        imports = _module_level_imports(path)
+        imports = _module_level_imports(path) - {PROVIDER_IMPORTS_ALLOWED.get(path.stem)}
         heavy = {m for m in imports if m.split(".")[0] in ("docker", "kubernetes")
                  or m.startswith(("airflow.providers", "ecb_airflow.docker_step", "ecb_airflow.k8s_step"))}
         assert heavy == set(), path.name

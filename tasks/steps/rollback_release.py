@@ -1,0 +1,42 @@
+"""Roll the chat service back to an earlier registered version: ``ecb release rollback`` and the rollback DAG.
+
+    python -m tasks rollback_release --run-id R [--input to=VERSION] --input reason=TEXT [--input by=WHO]
+
+Moves the aliases (``champion`` -> VERSION, default the ``previous`` alias; ``previous`` -> the demoted champion; a
+running canary ends), records who (``by``, default the OS user) and why in ``releases`` (the demoted version's row
+says ``rolled_back``; a ``rollback-...`` row records the event), then reloads the chat service and waits until it
+serves VERSION. The service reads the aliases at every start, so a restart serves VERSION too.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+
+from tasks.context import StepContext
+from tasks.errors import StepError
+from tasks.release import canary, deploy, registry
+
+log = logging.getLogger("tasks.steps.rollback_release")
+
+
+def run(ctx: StepContext) -> dict:
+    cfg = ctx.config
+    name = cfg.release.registered_model
+    to = (ctx.inputs.get("to") or "").strip() or None
+    reason = (ctx.inputs.get("reason") or "").strip() or "no reason given"
+    by = (ctx.inputs.get("by") or "").strip() or getpass.getuser()
+    try:
+        moved = canary.manual_rollback(name, to, by, reason)
+    except (registry.RegistryUnavailable, canary.CanaryError) as exc:
+        raise StepError(f"rollback_release: {exc}") from exc
+    target = moved["champion"]
+    try:
+        url, info = deploy.redeploy(cfg, target, None)
+    except (StepError, OSError, ValueError) as exc:
+        raise StepError(f"rollback_release: the aliases say champion {target}, but the chat service did not follow "
+                        f"(rerun the rollback or restart the service; it serves the aliases): {exc}") from exc
+    log.info("Rolled %s back to version %s (demoted: %s) for %s, who said: %s; %s serves version %s since %s.", name,
+             target, ", ".join(moved["demoted"]) or "none", by, reason, url, info["version"], info.get("loaded_at"))
+    return {"registered_model": name, "version": target, "demoted": moved["demoted"], "by": by, "reason": reason,
+            "service_url": url}
