@@ -34,16 +34,23 @@ EVAL_VERSION = "1"  # bump when prompt rendering, decoding or scoring code chang
 TEST = "test"
 
 
-def score(model, tokenizer, records: list[dict], ecfg) -> dict:
-    """Generate answers for records (ChatML dicts) and score them against the reference answers."""
-    from tasks.ml import generation, metrics
+def _answer(model, tokenizer, records: list[dict], ecfg) -> tuple[list[dict], list[str], float]:
+    """(records kept by eval.max_examples, greedy answers to their prompts, seconds the generation took)."""
+    from tasks.ml import generation
 
     if ecfg.max_examples:
         records = records[:ecfg.max_examples]
     prompts = generation.render_prompts(tokenizer, [r["messages"] for r in records])
     t0 = time.monotonic()
     hyps = generation.generate_batched(model, tokenizer, prompts, ecfg.max_new_tokens, ecfg.batch_size)
-    elapsed = time.monotonic() - t0
+    return records, hyps, time.monotonic() - t0
+
+
+def score(model, tokenizer, records: list[dict], ecfg) -> dict:
+    """Generate answers for records (ChatML dicts) and score them against the reference answers."""
+    from tasks.ml import metrics
+
+    records, hyps, elapsed = _answer(model, tokenizer, records, ecfg)
     refs = [r["messages"][-1]["content"] for r in records]
     scores = metrics.corpus_scores(hyps, refs)
     weighted = metrics.weighted_score(scores, ecfg.weights)
@@ -78,14 +85,7 @@ def live_scores(outputs: list[str], rejected: list[str], versions: list[str]) ->
 
 def score_live(model, tokenizer, records: list[dict], ecfg) -> dict:
     """Ask the live set's prompts again (the rejected reply is the last turn of each record) and compare."""
-    from tasks.ml import generation
-
-    if ecfg.max_examples:
-        records = records[:ecfg.max_examples]
-    prompts = generation.render_prompts(tokenizer, [r["messages"] for r in records])
-    t0 = time.monotonic()
-    hyps = generation.generate_batched(model, tokenizer, prompts, ecfg.max_new_tokens, ecfg.batch_size)
-    elapsed = time.monotonic() - t0
+    records, hyps, elapsed = _answer(model, tokenizer, records, ecfg)
     rejected = [r["messages"][-1]["content"] for r in records]
     versions = [str(r.get("model_version") or "unknown") for r in records]
     return {**live_scores(hyps, rejected, versions), "seconds": elapsed,
