@@ -25,8 +25,9 @@ Every step is `python -m tasks <step>` run by one step mechanism (`ecb_airflow.s
 small JSON manifests the steps print, and tasks read their fields as `step.output["key"]`.
 
 **Trigger with config** to override a run: `force_retrain` trains even when nothing changed; `force_deploy`
-releases whatever the gate says; `gate.min_improvement_threshold` sets the bar; `hpo.enabled` and
-`hpo.n_trials` steer the search; the other fields are the platform config (`ecb config` lists all of them).
+releases whatever the gate says; `gate.min_improvement_threshold` sets the bar; `gate.require_approval` has a
+person approve the release; `hpo.enabled` and `hpo.n_trials` steer the search; the other fields are the platform
+config (`ecb config` lists all of them).
 """
 
 from __future__ import annotations
