@@ -135,7 +135,7 @@ def loop(services, airflow_db, mlflow_server, tiny_base_model, tmp_path_factory)
     }))
     with pytest.MonkeyPatch.context() as mp:
         # Every Airflow process (and the steps it runs) reads the test config, then this file.
-        mp.setitem(SETTINGS, "config", os.pathsep.join([os.environ["ECB_CONFIG"], str(cfg)]))
+        mp.setitem(SETTINGS, "config", os.pathsep.join([stack.base_config(SETTINGS), str(cfg)]))
         mp.delenv("HF_TOKEN", raising=False)  # the push skips; the Hub is tested elsewhere
         # dag.test() runs of other tests stored the DAG with the test config's @daily schedule and its next run
         # (today 00:00): paused, the scheduler cannot start that run before the dag-processor has stored this
