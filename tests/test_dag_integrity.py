@@ -62,6 +62,20 @@ def test_trigger_form_comes_from_config(dagbag):
     assert params.get_param("data.source").description  # help text reaches the form
 
 
+def test_a_runs_conf_does_not_change_the_form_of_later_parses():
+    """A run's conf resolves into the DAG's Param objects in place: a DAG parsed after it (same process, as in the
+    dag-processor) must still show the defaults."""
+    from airflow.sdk.definitions.param import ParamsDict
+
+    from ecb_airflow.params import dag_params
+
+    run = ParamsDict(dag_params())
+    run.update({"force_retrain": True, "force_deploy": True})
+    assert run["force_retrain"] is True
+    later = ParamsDict(dag_params())
+    assert later["force_retrain"] is False and later["force_deploy"] is False
+
+
 def test_pipeline_shape(dagbag):
     """Edges from the DAG's >> and from the data: a task reading `step.output["key"]` is downstream of that step."""
     dag = dagbag.dags["ecommerce_chatbot_training"]

@@ -10,10 +10,8 @@ JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", l
 
 # Run switches that are not config fields (they steer this run, not what a model is).
 RUN_PARAMS = {
-    "force_retrain": Param(False, type="boolean", title="Force retrain",
-                           description="Train even when the data and parameters equal those of the released model."),
-    "force_deploy": Param(False, type="boolean", title="Force deploy",
-                          description="Release the candidate whatever the quality gate says (logged loudly)."),
+    "force_retrain": ("Force retrain", "Train even when the data and parameters equal those of the released model."),
+    "force_deploy": ("Force deploy", "Release the candidate whatever the quality gate says (logged loudly)."),
 }
 
 
@@ -29,7 +27,10 @@ def config_params() -> dict[str, tuple]:
 
 
 def dag_params() -> dict[str, Param]:
-    params = dict(RUN_PARAMS)
+    """New Param objects on every call: a run's conf resolves into them in place (ParamsDict.__setitem__), so shared
+    ones would carry one run's force_retrain=True into every DAG parsed later in the same process."""
+    params = {name: Param(False, type="boolean", title=title, description=help_text)
+              for name, (title, help_text) in RUN_PARAMS.items()}
     for name, (default, help_text, typ) in config_params().items():
         params[name] = Param(default, type=JSON_TYPES.get(typ, "string"), title=name, description=help_text)
     return params
