@@ -113,6 +113,17 @@ def redeploy(cfg, champion: str, candidate=None, restart: bool = False) -> tuple
     return url, wait_for_version(url, champion, cfg.chat.deploy_timeout_s, alive, candidate=candidate)
 
 
+def follow_aliases(cfg, champion: str, step: str) -> tuple[str, dict]:
+    """After a step moved the aliases (canary verdict, rollback): reload the service until it serves ``champion``
+    only. A failure says what the registry already says, so the person reading the task log knows a retry (or a
+    restart, which reads the aliases) completes the move."""
+    try:
+        return redeploy(cfg, champion, None)
+    except (StepError, OSError, ValueError) as exc:
+        raise StepError(f"{step}: the aliases say champion {champion}, but the chat service did not follow (a retry "
+                        f"reloads it again; a restart serves the aliases too): {exc}") from exc
+
+
 ANY = object()  # wait_for_version: whatever candidate is served
 
 

@@ -48,11 +48,7 @@ def run(ctx: StepContext) -> dict:
     except (registry.RegistryUnavailable, canary.CanaryError) as exc:
         raise StepError(f"canary_verdict: {exc}") from exc
     decision = verdict["decision"]
-    try:
-        url, _ = deploy.redeploy(cfg, champion, None)
-    except (StepError, OSError, ValueError) as exc:
-        raise StepError(f"canary_verdict: the aliases say champion {champion} (decision: {decision}), but the chat "
-                        f"service did not follow (a retry reloads it again): {exc}") from exc
+    url, _ = deploy.follow_aliases(cfg, champion, f"canary_verdict ({decision})")
     log.info("%s", verdict["sentence"])
     log.info("The chat service at %s now serves champion version %s only.", url, champion)
     return {"decision": decision, "version": version, "champion_version": champion, "service_url": url,

@@ -31,11 +31,7 @@ def run(ctx: StepContext) -> dict:
     except (registry.RegistryUnavailable, canary.CanaryError) as exc:
         raise StepError(f"rollback_release: {exc}") from exc
     target = moved["champion"]
-    try:
-        url, info = deploy.redeploy(cfg, target, None)
-    except (StepError, OSError, ValueError) as exc:
-        raise StepError(f"rollback_release: the aliases say champion {target}, but the chat service did not follow "
-                        f"(rerun the rollback or restart the service; it serves the aliases): {exc}") from exc
+    url, info = deploy.follow_aliases(cfg, target, "rollback_release")
     log.info("Rolled %s back to version %s (demoted: %s) for %s, who said: %s; %s serves version %s since %s.", name,
              target, ", ".join(moved["demoted"]) or "none", by, reason, url, info["version"], info.get("loaded_at"))
     return {"registered_model": name, "version": target, "demoted": moved["demoted"], "by": by, "reason": reason,
