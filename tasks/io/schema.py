@@ -152,6 +152,8 @@ releases = Table(
     Column("snapshot_id", String(64), nullable=False),
     Column("config_hash", String(64), nullable=False),
     Column("registry_version", String(32)),
+    # (0006) the version's registered model: release.registered_model is per run, each model counts from 1
+    Column("registered_model", String(250)),
     Column("hub_repo", Text),
     Column("hub_revision", String(64)),
     Column("service_url", Text),
@@ -165,6 +167,7 @@ releases = Table(
     Column("actor", String(128)),
     Column("reason", Text),
     _ts(), _ts("updated_at"),
+    Index("ix_releases_model_version", "registered_model", "registry_version"),
 )
 
 conversations = Table(

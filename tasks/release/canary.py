@@ -194,14 +194,16 @@ def arm_stats(versions: list[str], since) -> dict[str, Arm]:
     return out
 
 
-def release_row(version: str) -> dict | None:
-    """The newest ``releases`` row of a registry version, with the database's clock as ``now``."""
+def release_row(name: str, version: str) -> dict | None:
+    """The newest ``releases`` row of version ``version`` of registered model ``name`` (rows from before migration
+    0006 have no model and match any), with the database's clock as ``now``."""
     from sqlalchemy import func, select
 
     from tasks.io import db, schema
 
     r = schema.releases
     query = (select(r, func.now().label("now")).where(r.c.registry_version == str(version))
+             .where(r.c.registered_model.is_(None) | (r.c.registered_model == name))
              .where(~r.c.run_id.like("rollback-%")).order_by(r.c.id.desc()).limit(1))
     row = db.transaction(lambda conn: conn.execute(query).mappings().first(), what="read the release row")
     return dict(row) if row else None
@@ -289,14 +291,15 @@ def _record_rollback(name: str, target: str, demoted: list[str], by: str, reason
     from tasks.io import db, schema
 
     for version in demoted:
-        row = release_row(version)
+        row = release_row(name, version)
         if row is not None:
             update_row(row["id"], f"rolled back to version {target} by {by}: {reason}", status="rolled_back",
                        decided_at=func.now(), actor=by, reason=reason)
-    base = release_row(target) or {}
+    base = release_row(name, target) or {}
     event = {"run_id": f"rollback-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{target}-{time.time_ns() % 10**6}",
              "snapshot_id": base.get("snapshot_id") or "unknown", "config_hash": base.get("config_hash") or "unknown",
-             "registry_version": target, "service_url": base.get("service_url"), "status": "deployed",
+             "registry_version": target, "registered_model": name, "service_url": base.get("service_url"),
+             "status": "deployed",
              "actor": by, "reason": reason, "decided_at": func.now(),
              "detail": f"rollback of {name}: champion -> version {target} (from {', '.join(demoted) or 'none'}) by "
                        f"{by}: {reason}"}

@@ -22,7 +22,7 @@ log = logging.getLogger("tasks.steps.canary_status")
 def run(ctx: StepContext) -> dict:
     rel = ctx.config.release
     version = ctx.require_input("registry_version")
-    row = canary.release_row(version)
+    row = canary.release_row(rel.registered_model, version)
     if row is None or row["status"] != "canary":
         log.info("Version %s is no canary (release status %s): nothing to wait for.", version,
                  row["status"] if row else "unknown")

@@ -28,7 +28,7 @@ STATUS = {"promote": "deployed", "rollback": "rolled_back"}
 def run(ctx: StepContext) -> dict:
     cfg, version = ctx.config, ctx.require_input("registry_version")
     name = cfg.release.registered_model
-    row = canary.release_row(version)
+    row = canary.release_row(name, version)
     stored = (row["verdict"] or {}) if row else {}
     if row is None or (row["status"] != "canary" and not stored.get("decision")):
         log.info("No canary to judge: version %s was released with status %s.", version,

@@ -24,6 +24,7 @@ from tasks.release import deploy, registry
 from tasks.release.registry import serving_uri
 
 log = logging.getLogger("tasks.steps.deploy_chat_service")
+
 def record(ctx: StepContext, version: str, url: str, status: str, detail: str, canary_share: float | None = None,
            canary_started: bool = False) -> None:
     """Mark the release row of this run (or, for a redeploy outside a training run, the row of the run that
@@ -34,8 +35,10 @@ def record(ctx: StepContext, version: str, url: str, status: str, detail: str, c
 
     r = schema.releases
     with db.engine().begin() as conn:
+        model = r.c.registered_model.is_(None) | (r.c.registered_model == ctx.config.release.registered_model)
         row = conn.execute(select(r.c.id, r.c.detail).where(r.c.run_id == ctx.run_id)).first() or conn.execute(
-            select(r.c.id, r.c.detail).where(r.c.registry_version == version).order_by(r.c.id.desc()).limit(1)).first()
+            select(r.c.id, r.c.detail).where(r.c.registry_version == version, model, ~r.c.run_id.like("rollback-%"))
+            .order_by(r.c.id.desc()).limit(1)).first()
         if row is None:
             log.warning("no release row for run %s or version %s: the deployment is not recorded", ctx.run_id, version)
             return

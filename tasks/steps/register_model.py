@@ -99,6 +99,7 @@ def previous_of(client, name: str, current: dict | None, version: str) -> dict |
 
 def record_release(ctx: StepContext, snapshot_id: str, version: str) -> None:
     row = {"run_id": ctx.run_id, "snapshot_id": snapshot_id, "config_hash": ctx.config.section_hash(*TRAINING_SECTIONS),
-           "registry_version": version, "status": "registered"}
+           "registry_version": version, "registered_model": ctx.config.release.registered_model,
+           "status": "registered"}
     with db.engine().begin() as conn:
         db.upsert(conn, schema.releases, row, keys=("run_id",))

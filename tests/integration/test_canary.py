@@ -186,6 +186,7 @@ def test_a_good_canary_is_promoted_then_rolled_back_by_hand(release, airflow_db,
             schema.releases.c.run_id.like("rollback-%"), schema.releases.c.actor == "tester",
             schema.releases.c.detail.like(f"rollback of {release.name}:%"))).mappings().one()
     assert event["registry_version"] == "1" and event["status"] == "deployed" and "from 2" in event["detail"]
+    assert event["registered_model"] == release.name and row["registered_model"] == release.name
 
     # a restart serves what the aliases say: version 1, no canary
     stack.CHAT.stop(timeout=20)
@@ -213,3 +214,21 @@ def test_a_good_canary_is_promoted_then_rolled_back_by_hand(release, airflow_db,
                  check=False)
     assert r.returncode == 2 and "has no version 99" in r.stderr
     assert aliases(release.client, release.name) == {"champion": "2", "previous": "1"}
+
+
+def test_release_rows_of_two_models_with_the_same_version_number_stay_apart(services, uid):
+    """release.registered_model can be set per run, and each registered model counts its versions from 1: the canary
+    and rollback steps must find model A's version 1, not model B's newer row with the same number."""
+    from sqlalchemy import insert
+
+    from tasks.release import canary
+
+    a, b = f"model-a-{uid}", f"model-b-{uid}"
+    rows = [{"run_id": f"{name}-run", "snapshot_id": "s", "config_hash": "h", "registry_version": "1",
+             "registered_model": name, "status": status} for name, status in ((a, "canary"), (b, "deployed"))]
+    with db.engine().begin() as conn:
+        conn.execute(insert(schema.releases), rows)
+    assert (canary.release_row(a, "1")["run_id"], canary.release_row(a, "1")["status"]) == (f"{a}-run", "canary")
+    assert (canary.release_row(b, "1")["run_id"], canary.release_row(b, "1")["status"]) == (f"{b}-run", "deployed")
+    assert canary.release_row(f"model-c-{uid}", "1") is None or canary.release_row(
+        f"model-c-{uid}", "1")["registered_model"] is None  # only rows from before migration 0006 match any model

@@ -32,6 +32,7 @@ from sqlalchemy import create_engine, select, text
 from tasks.demo import datagen
 from tasks.devstack import stack
 from tasks.io import db, s3, schema
+from tasks.io.procs import state_dir
 from tests.conftest import SETTINGS
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(2400)]
@@ -41,13 +42,13 @@ ASSET_NAMES = ("support_conversations_landing", "support_conversations_raw", "ch
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def wait_until(check, what: str, timeout: float, every: float = 1.0):
+def wait_until(check, what: str, timeout: float, every: float = 1.0, why=lambda: ""):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if value := check():
             return value
         time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{why()}")
 
 
 class Loop:
@@ -83,13 +84,25 @@ class Loop:
         rows = self.q("SELECT state FROM dag_run WHERE dag_id = :d AND run_id = :r", d=DAG_ID, r=run_id)
         return rows[0]["state"] if rows else None
 
+    def why(self, run_id: str) -> str:
+        """For a timeout: the run's task states and the end of the log of each task that is not done."""
+        states = self.states(run_id)
+        out = [f"; task states: {states}"]
+        for task_id, state in states.items():
+            if state not in ("success", "skipped", None):
+                logs = sorted(state_dir().glob(f"airflow/logs/dag_id={DAG_ID}/run_id={run_id}/task_id={task_id}/"
+                                                     "*.log"))
+                tail = logs[-1].read_text(errors="replace")[-3000:] if logs else "(no log)"
+                out.append(f"\n--- {task_id} ({state}), end of {logs[-1].name if logs else 'log'}:\n{tail}")
+        return "".join(out)
+
     def wait_for_approval_request(self, run_id: str) -> None:
         def parked():
             state = self.states(run_id).get("approve_release")
             assert self.run_state(run_id) in ("queued", "running"), (self.run_state(run_id), self.states(run_id))
             return state == "awaiting_input"
 
-        wait_until(parked, f"run {run_id} to wait in approve_release", 1200, 2)
+        wait_until(parked, f"run {run_id} to wait in approve_release", 1200, 2, lambda: self.why(run_id))
 
     def answer(self, run_id: str, option: str, comment: str) -> dict:
         path = f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/approve_release/-1/hitlDetails"
@@ -99,7 +112,7 @@ class Loop:
 
     def wait_finished(self, run_id: str) -> str:
         return wait_until(lambda: self.run_state(run_id) in ("success", "failed") and self.run_state(run_id),
-                          f"run {run_id} to finish", 1200, 2)
+                          f"run {run_id} to finish", 1200, 2, lambda: self.why(run_id))
 
 
 def fresh_landing_and_registry(source: str, model_name: str) -> None:

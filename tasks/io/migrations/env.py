@@ -7,12 +7,13 @@ from tasks import env as ecb_env  # this file is alembic's "env.py"; tasks.env i
 from tasks.io.schema import metadata
 
 config = context.config
+VERSION_TABLE = "alembic_version_platform"  # not alembic's default: the database may be shared with another app
 url = config.get_main_option("sqlalchemy.url") or ecb_env.require("ECB_RESULTS_DB_URL", "the migrations need the "
                                                                                      "platform database")
 
 
 def run_migrations_offline() -> None:
-    context.configure(url=url, target_metadata=metadata, literal_binds=True)
+    context.configure(url=url, target_metadata=metadata, literal_binds=True, version_table=VERSION_TABLE)
     with context.begin_transaction():
         context.run_migrations()
 
@@ -20,7 +21,7 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     engine = create_engine(url, poolclass=pool.NullPool)
     with engine.connect() as connection:
-        context.configure(connection=connection, target_metadata=metadata, version_table="alembic_version_platform")
+        context.configure(connection=connection, target_metadata=metadata, version_table=VERSION_TABLE)
         with context.begin_transaction():
             context.run_migrations()
 
