@@ -27,6 +27,8 @@ SETTINGS: dict = {}  # the test stack's ports and generated secrets, filled in p
 
 def pytest_configure(config) -> None:
     state = os.environ.get("ECB_TEST_STATE_DIR") or str(REPO / ".ecb-test")
+    if worker := os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n: each worker runs a stack of its own
+        state = f"{state}-{worker}"
     os.environ.update({"ECB_STATE_DIR": state, "AIRFLOW_HOME": str(REPO),
                        "ECB_CONFIG": str(REPO / "tests" / "ecb_test_config.yaml"),
                        "ECB_MODEL_CACHE": str(Path(state) / "model-cache")})
