@@ -25,8 +25,11 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/ecb demo
 
+# Two pytest workers, one test module each at a time (module fixtures stay whole); each worker starts a stack of
+# its own (tests/conftest.py). TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
 test: install lint
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The unit tests only: no database, S3, MLflow or Airflow server is started (under 2 minutes on 2 cores).
 test-unit: install lint

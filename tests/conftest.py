@@ -42,6 +42,15 @@ def pytest_configure(config) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "plugins"), os.environ.get("PYTHONPATH", "")])
 
 
+# The longest modules start first: with two workers (make test) the suite then ends with short ones on both.
+SLOW_FIRST = ("test_release_loop.py", "test_dag_run.py", "test_bench_rehearsal.py", "test_canary.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: the rest keep their order
+
+
 def _keep() -> bool:
     return os.environ.get("ECB_TEST_KEEP_STACK") == "1"
 
