@@ -26,6 +26,9 @@ SETTINGS: dict = {}  # the test stack's ports and generated secrets, filled in p
 
 
 def pytest_configure(config) -> None:
+    # pytest -n: a worker inherits the controller's environment, stack variables included; ECB_STACK_MANAGED=1
+    # would make init_settings ignore ECB_CONFIG below (the worker's steps would read the demo config).
+    os.environ.pop("ECB_STACK_MANAGED", None)
     state = os.environ.get("ECB_TEST_STATE_DIR") or str(REPO / ".ecb-test")
     if worker := os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n: each worker runs a stack of its own
         state = f"{state}-{worker}"

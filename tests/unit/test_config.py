@@ -141,3 +141,16 @@ def test_flatten_descends_as_deep_as_asked():
     assert flatten(tree, depth=1) == {"eval.weights": {"bleu1": 0.1}, "eval.batch_size": 8, "top": 1}
     assert flatten(tree) == {"eval.weights.bleu1": 0.1, "eval.batch_size": 8, "top": 1}
     assert flatten(tree, depth=0) == tree
+
+
+def test_the_test_session_reads_the_test_config():
+    """Every pytest process (each `make test` worker too) runs the steps with tests/ecb_test_config.yaml, then the
+    stack's own file: a worker that inherited ECB_STACK_MANAGED=1 from the controller read the demo config."""
+    import os
+
+    from tasks.config import load_config
+    from tests.conftest import REPO
+
+    first, *rest = os.environ["ECB_CONFIG"].split(os.pathsep)
+    assert first == str(REPO / "tests" / "ecb_test_config.yaml") and rest and rest[-1].endswith("stack-config.yaml")
+    assert load_config().chat.max_new_tokens == 16 and load_config().hpo.trial_max_steps == 6
