@@ -28,7 +28,7 @@ from pathlib import Path
 
 from tasks import env
 from tasks.config import Config, load_config
-from tasks.io.procs import REPO, Proc, state_dir
+from tasks.io.procs import REPO, Proc, state_dir, stop_all
 from tasks.io.s3 import STACK_BUCKETS
 from tasks.release.deploy import CHAT
 
@@ -447,7 +447,7 @@ def up(airflow: bool = True, mlflow: bool = True) -> dict:
 
 
 def down() -> list[str]:
-    stopped = [p.name for p in (CHAT, *AIRFLOW_PROCS.values(), MLFLOW) if p.stop()]
+    stopped = stop_all((CHAT, *AIRFLOW_PROCS.values(), MLFLOW))
     # SeaweedFS takes ~20 s to exit on SIGTERM; wait for it so a following `up` does not race its ports.
     if WEED.stop(timeout=40):
         stopped.append(WEED.name)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -32,7 +33,7 @@ from sqlalchemy import create_engine, select, text
 from tasks.demo import datagen
 from tasks.devstack import stack
 from tasks.io import db, s3, schema
-from tasks.io.procs import state_dir
+from tasks.io.procs import state_dir, stop_all
 from tests.conftest import SETTINGS
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(2400)]
@@ -40,7 +41,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(2400)]
 DAG_ID, WATCHER_ID = "ecommerce_chatbot_training", "ecommerce_chatbot_landing_watcher"
 ASSET_NAMES = ("support_conversations_landing", "support_conversations_raw", "chatml_snapshot", "chatbot_model")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CANARY_REPLIES = 20  # release.canary_min_messages of the canary run
+CANARY_REPLIES = 20  # release.canary_min_messages of the promoted canary (the rolled back one waits for 100)
 ANSWER_AFTER_S = 5  # Loop.answer: a person does not answer within a scheduler loop of the request
 
 
@@ -81,6 +82,11 @@ class Loop:
         return self.q("SELECT e.id, e.extra, e.source_dag_id, e.source_run_id, e.source_task_id FROM asset_event e "
                       "JOIN asset a ON a.id = e.asset_id WHERE a.name = :n AND e.timestamp >= :t ORDER BY e.id",
                       n=asset, t=self.t0)
+
+    def xcom(self, run_id: str) -> dict[str, dict]:
+        return {r["task_id"]: r["value"] for r in self.q(
+            "SELECT task_id, value FROM xcom WHERE dag_id = :d AND run_id = :r AND key = 'return_value'",
+            d=DAG_ID, r=run_id)}
 
     def run_state(self, run_id: str) -> str | None:
         rows = self.q("SELECT state FROM dag_run WHERE dag_id = :d AND run_id = :r", d=DAG_ID, r=run_id)
@@ -186,8 +192,7 @@ def loop(services, airflow_db, mlflow_server, tiny_base_model, tmp_path_factory)
                 assert r.status_code == 200, r.text
             yield loop
         finally:
-            for proc in (*stack.AIRFLOW_PROCS.values(), stack.CHAT):
-                proc.stop(timeout=20)
+            stop_all((*stack.AIRFLOW_PROCS.values(), stack.CHAT), timeout=20)
             engine.dispose()
 
 
@@ -249,9 +254,7 @@ def test_new_raw_data_starts_a_run_that_waits_for_approval(loop):
     assert "gate.require_approval is set" in gate.approval_reason
 
     # Lineage on the Assets: raw data (same digest as the landing listing), snapshot, model version.
-    xcom = {r["task_id"]: r["value"] for r in loop.q(
-        "SELECT task_id, value FROM xcom WHERE dag_id = :d AND run_id = :r AND key = 'return_value'",
-        d=DAG_ID, r=run["run_id"])}
+    xcom = loop.xcom(run["run_id"])
     (raw,), (snap,), (model,) = (loop.events(n) for n in ASSET_NAMES[1:])
     assert raw["extra"]["digest"] == event["extra"]["digest"] and raw["source_run_id"] == run["run_id"]
     assert snap["extra"]["snapshot_id"] == xcom["prepare_chatml"]["snapshot_id"]
@@ -282,49 +285,79 @@ def test_rejected_release_is_skipped_and_recorded(loop):
     assert len(loop.events("chatbot_model")) == models_before  # no release, no model event
 
 
-def test_a_canary_release_is_judged_on_live_chats_and_promoted(loop):
-    """Issue 15 through the training DAG on the real scheduler: with release.canary_share from the trigger form, the
-    approved release is deployed as a canary beside the champion (version 1 of the first test), wait_for_canary
-    polls (rescheduled, no worker slot held) while simulated users chat, and canary_verdict promotes it."""
+def canary_run(loop, name: str, candidate_thumbs_down: float, min_replies: int, seed: int):
+    """Issue 15 through the training DAG on the real scheduler: a forced, approved release with release.canary_share
+    from the run's conf is deployed as a canary beside the champion; while wait_for_canary is rescheduled (no worker
+    slot held) simulated users chat and rate every reply (thumbs-down with probability ``candidate_thumbs_down`` on
+    the candidate's, 0.05 on the champion's) until the run has finished, so chats keep going through the verdict's
+    switch. Returns (deploy manifest, verdict manifest, traffic summary, release row)."""
+    from tasks.demo import traffic
+
+    run_id, source = f"{name}-{loop.uid}", f"s3://ecb-landing/{name}-{loop.uid}/"
+    s3.put_bytes(f"{source}conversations.csv", datagen.to_csv_bytes(datagen.generate_rows(300, seed=seed)))
+    conf = {"data.source": source, "force_retrain": True, "force_deploy": True, "training.max_steps": 4,
+            "release.canary_share": 0.5, "release.canary_min_messages": min_replies,
+            # The DAG's wiring is under test here (poll, reschedule, verdict, aliases, traffic through the switch);
+            # the latency and cut-off checks are tested in tests/unit/test_canary.py. Two different tiny models on a
+            # loaded 2-core machine differ in latency and cut-off replies by chance: those margins are open here.
+            "release.canary_max_latency_ratio": 100.0, "release.canary_max_bad_reply_increase": 1.0}
+    r = loop.rest("POST", f"/dags/{DAG_ID}/dagRuns", json={"dag_run_id": run_id, "logical_date": None, "conf": conf})
+    assert r.status_code == 200, r.text
+    loop.wait_for_approval_request(run_id)
+    loop.answer(run_id, "Approve", f"{name}: canary first")
+    wait_until(lambda: loop.states(run_id).get("wait_for_canary") == "up_for_reschedule",
+               "wait_for_canary to be rescheduled (the canary has too few replies)", 600, 2, lambda: loop.why(run_id))
+    deployed = loop.xcom(run_id)["deploy_chat_service"]
+    assert deployed["canary"] is True
+
+    done, summary = threading.Event(), {}
+    chats = threading.Thread(target=lambda: summary.update(traffic.drive(
+        deployed["service_url"], 2000, traffic.by_version({deployed["version"]: candidate_thumbs_down}, default=0.05),
+        workers=3, seed=seed,
+        stop=done)))
+    chats.start()
+    try:
+        state = loop.wait_finished(run_id)
+    finally:
+        done.set()
+        chats.join()
+    assert state == "success", loop.why(run_id)
+    with db.engine().connect() as conn:
+        row = conn.execute(select(schema.releases).where(schema.releases.c.run_id == run_id)).mappings().one()
+    return deployed, loop.xcom(run_id)["canary_verdict"], summary, dict(row)
+
+
+def test_a_worse_canary_is_rolled_back_by_the_dag(loop):
     from mlflow.tracking import MlflowClient
 
     from tasks.demo import traffic
 
     champion = MlflowClient().get_model_version_by_alias(loop.model_name, "champion").version
-    run_id, source = f"canary-{loop.uid}", f"s3://ecb-landing/canary-{loop.uid}/"
-    s3.put_bytes(f"{source}conversations.csv", datagen.to_csv_bytes(datagen.generate_rows(300, seed=47)))
-    conf = {"data.source": source, "force_retrain": True, "force_deploy": True, "training.max_steps": 4,
-            "release.canary_share": 0.5, "release.canary_min_messages": CANARY_REPLIES,
-            # This test is the DAG's wiring (poll, reschedule, verdict, aliases); the verdict's statistics are tested
-            # in tests/unit/test_canary.py and test_canary.py. Two different tiny models on a loaded 2-core machine
-            # differ in latency and cut-off replies by chance: those margins are wide open here.
-            "release.canary_max_latency_ratio": 100.0, "release.canary_max_bad_reply_increase": 1.0}
-    r = loop.rest("POST", f"/dags/{DAG_ID}/dagRuns", json={"dag_run_id": run_id, "logical_date": None, "conf": conf})
-    assert r.status_code == 200, r.text
-    loop.wait_for_approval_request(run_id)
-    loop.answer(run_id, "Approve", "canary first")
-    wait_until(lambda: loop.states(run_id).get("wait_for_canary") == "up_for_reschedule",
-               "wait_for_canary to be rescheduled (the canary has too few replies)", 600, 2, lambda: loop.why(run_id))
-    xcom = {r["task_id"]: r["value"] for r in loop.q(
-        "SELECT task_id, value FROM xcom WHERE dag_id = :d AND run_id = :r AND key = 'return_value'",
-        d=DAG_ID, r=run_id)}
-    deployed = xcom["deploy_chat_service"]
-    assert deployed["canary"] is True and deployed["champion_version"] == champion
+    deployed, verdict, chats, row = canary_run(loop, "worse", 0.6, min_replies=100, seed=47)
     candidate = deployed["version"]
+    assert deployed["champion_version"] == champion and candidate != champion
+    assert chats["failed"] == 0, chats["failures"]  # none failed, the verdict's switch included
+    assert chats["chats"] >= 200 and set(chats["by_version"]) == {champion, candidate}
+    assert verdict["decision"] == "rollback" and any("thumbs-down" in r for r in verdict["reasons"]), verdict
+    assert verdict["candidate"]["replies"] >= 100 and verdict["champion_version"] == champion
+    aliases = {a: str(v) for a, v in MlflowClient().get_registered_model(loop.model_name).aliases.items()}
+    assert aliases["champion"] == champion and "candidate" not in aliases
+    assert row["status"] == "rolled_back" and row["verdict"]["decision"] == "rollback"
+    after = traffic.drive(deployed["service_url"], 20, traffic.by_version({}), workers=2, seed=5)
+    assert after["failed"] == 0 and set(after["by_version"]) == {champion}  # every new chat on the champion
 
-    chats = traffic.drive(deployed["service_url"], 3 * CANARY_REPLIES, traffic.by_version({}, default=0.0),
-                          workers=3, seed=3)
+
+def test_a_good_canary_is_promoted_by_the_dag(loop):
+    from mlflow.tracking import MlflowClient
+
+    champion = MlflowClient().get_model_version_by_alias(loop.model_name, "champion").version
+    deployed, verdict, chats, row = canary_run(loop, "good", 0.0, min_replies=CANARY_REPLIES, seed=53)
+    candidate = deployed["version"]
     assert chats["failed"] == 0, chats["failures"]
-    assert set(chats["by_version"]) == {champion, candidate}
-    assert loop.wait_finished(run_id) == "success", loop.why(run_id)
-    verdict = loop.q("SELECT value FROM xcom WHERE dag_id = :d AND run_id = :r AND task_id = 'canary_verdict' AND "
-                     "key = 'return_value'", d=DAG_ID, r=run_id)[0]["value"]
     assert verdict["decision"] == "promote", verdict
     assert verdict["candidate"]["replies"] >= CANARY_REPLIES and verdict["champion_version"] == candidate
     aliases = {a: str(v) for a, v in MlflowClient().get_registered_model(loop.model_name).aliases.items()}
     assert aliases == {"champion": candidate, "previous": champion}
-    with db.engine().connect() as conn:
-        row = conn.execute(select(schema.releases).where(schema.releases.c.run_id == run_id)).mappings().one()
     assert row["status"] == "deployed" and row["verdict"]["decision"] == "promote" and row["decided_at"] is not None
     served = requests.get(f"{deployed['service_url']}/api/model", timeout=10).json()
     assert served["version"] == candidate and served["candidate"] is None
