@@ -74,13 +74,27 @@ class Job:
     tokens: list[int] = field(default_factory=list)
     sent: str = ""
     first_token_at: float | None = None
+    # Incremental detokenisation: ``raw`` is the text of tokens[:read]; each step decodes only tokens[prefix:], where
+    # tokens[prefix:read] are the last piece's tokens, kept as left context (a SentencePiece decode drops the
+    # leading space of its first token, and byte-level pieces may be parts of one character).
+    raw: str = ""
+    prefix: int = 0
+    read: int = 0
 
     def emit_text(self, tokenizer, final: bool = False) -> None:
-        """Send the new part of the decoded text. Leading and trailing whitespace are held back (the stored reply is
-        stripped, so the streamed pieces add up to exactly the stored text), as is an incomplete UTF-8 character."""
-        text = tokenizer.decode(self.tokens, skip_special_tokens=True).strip()
-        if not final and text.endswith("\ufffd"):
+        """Send the new part of the decoded text: O(piece) per token, not a decode of the whole reply. Leading and
+        trailing whitespace are held back (the stored reply is stripped, so the streamed pieces add up to exactly
+        the stored text), as is an incomplete UTF-8 character."""
+        window = tokenizer.decode(self.tokens[self.prefix:], skip_special_tokens=True)
+        if not final and window.endswith("\ufffd"):
             return
+        context = tokenizer.decode(self.tokens[self.prefix:self.read], skip_special_tokens=True)
+        if window.startswith(context):
+            self.raw += window[len(context):]
+        else:  # a decoder that rewrites its context (rare): fall back to the whole reply once
+            self.raw = tokenizer.decode(self.tokens, skip_special_tokens=True)
+        self.prefix, self.read = self.read, len(self.tokens)
+        text = self.raw.strip()
         if text.startswith(self.sent) and len(text) > len(self.sent):
             self.events.put(("token", text[len(self.sent):]))
             self.sent = text
