@@ -142,6 +142,19 @@ def run_step(step: str, run_id: str, *args: str, check: bool = True) -> subproce
     return r
 
 
+def prepared_snapshot(name: str, n_rows: int, seed: int) -> str:
+    """A ChatML snapshot of generated demo conversations made by the real sync + prepare steps; its S3 URI."""
+    from tasks.demo import datagen
+    from tasks.io import s3
+
+    source = f"s3://ecb-landing/{name}/"
+    s3.put_bytes(source + "demo.csv", datagen.to_csv_bytes(datagen.generate_rows(n_rows, seed=seed)))
+    sync = step_manifest("sync_raw_data", f"{name}-snapshot", "--set", f"data.source={source}")
+    prep = step_manifest("prepare_chatml", f"{name}-snapshot", "--set", f"data.source={source}",
+                         "--input", f"raw_manifest={sync['manifest_uri']}")
+    return prep["snapshot_uri"]
+
+
 def step_manifest(step: str, run_id: str, *args: str) -> dict:
     """Run a step and return its manifest (the last stdout line)."""
     return json.loads(run_step(step, run_id, *args).stdout.strip().splitlines()[-1])

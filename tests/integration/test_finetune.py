@@ -10,9 +10,8 @@ import time
 import pytest
 from sqlalchemy import select
 
-from tasks.demo import datagen
 from tasks.io import db, s3, schema
-from tests.conftest import REPO, run_step, step_manifest
+from tests.conftest import REPO, prepared_snapshot, run_step, step_manifest
 
 pytestmark = pytest.mark.integration
 
@@ -20,12 +19,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def snapshot(services):
     """A prepared ChatML snapshot of generated demo conversations, made by the real sync + prep steps."""
-    source = "s3://ecb-landing/finetune-tests/"
-    s3.put_bytes(source + "demo.csv", datagen.to_csv_bytes(datagen.generate_rows(240, seed=21)))
-    sync = step_manifest("sync_raw_data", "ft-snapshot", "--set", f"data.source={source}")
-    prep = step_manifest("prepare_chatml", "ft-snapshot", "--set", f"data.source={source}",
-                         "--input", f"raw_manifest={sync['manifest_uri']}")
-    return prep["snapshot_uri"]
+    return prepared_snapshot("finetune-tests", 240, seed=21)
 
 
 def finetune_args(snapshot, base, max_steps, *extra):

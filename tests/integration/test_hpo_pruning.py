@@ -7,9 +7,8 @@ import json
 import pytest
 from sqlalchemy import select
 
-from tasks.demo import datagen
-from tasks.io import db, s3, schema
-from tests.conftest import run_step, step_manifest
+from tasks.io import db, schema
+from tests.conftest import prepared_snapshot, run_step, step_manifest
 
 pytestmark = pytest.mark.integration
 
@@ -25,12 +24,7 @@ BAD_LR = 0.5
 
 @pytest.fixture(scope="module")
 def snapshot(services):
-    source = "s3://ecb-landing/hpo-pruning-tests/"
-    s3.put_bytes(source + "demo.csv", datagen.to_csv_bytes(datagen.generate_rows(240, seed=23)))
-    sync = step_manifest("sync_raw_data", "hpo-snapshot", "--set", f"data.source={source}")
-    prep = step_manifest("prepare_chatml", "hpo-snapshot", "--set", f"data.source={source}",
-                         "--input", f"raw_manifest={sync['manifest_uri']}")
-    return prep["snapshot_uri"]
+    return prepared_snapshot("hpo-pruning-tests", 240, seed=23)
 
 
 def test_a_diverging_trial_is_pruned_at_its_first_report_by_the_median_pruner(mlflow_server, snapshot,
