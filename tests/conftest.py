@@ -25,24 +25,44 @@ SHARED_DATA = REPO.parent / "shared" / "data" / "bitext_customer_support_sample.
 SETTINGS: dict = {}  # the test stack's ports and generated secrets, filled in place by pytest_configure
 
 
+BEFORE = "ECB_TEST_ENV_BEFORE"  # what pytest_configure changed, as the person's shell had it (JSON; None = unset)
+
+
+def _restore_inherited_env() -> None:
+    """pytest -n: a worker inherits the controller's environment, which holds the controller's stack (its S3
+    endpoint, ECB_STACK_MANAGED=1, which would make init_settings ignore ECB_CONFIG): put back what the person's
+    shell had, so the worker sets up a stack of its own exactly as a single process would."""
+    for key, value in json.loads(os.environ.pop(BEFORE, "{}")).items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _export(values: dict) -> None:
+    before = json.loads(os.environ.get(BEFORE, "{}"))
+    for key, value in values.items():
+        before.setdefault(key, os.environ.get(key))
+        os.environ[key] = value
+    os.environ[BEFORE] = json.dumps(before)
+
+
 def pytest_configure(config) -> None:
-    # pytest -n: a worker inherits the controller's environment, stack variables included; ECB_STACK_MANAGED=1
-    # would make init_settings ignore ECB_CONFIG below (the worker's steps would read the demo config).
-    os.environ.pop("ECB_STACK_MANAGED", None)
+    _restore_inherited_env()
     state = os.environ.get("ECB_TEST_STATE_DIR") or str(REPO / ".ecb-test")
     if worker := os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n: each worker runs a stack of its own
         state = f"{state}-{worker}"
-    os.environ.update({"ECB_STATE_DIR": state, "AIRFLOW_HOME": str(REPO),
-                       "ECB_CONFIG": str(REPO / "tests" / "ecb_test_config.yaml"),
-                       "ECB_MODEL_CACHE": str(Path(state) / "model-cache")})
-    os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network here: never wait on the Hub
+    _export({"ECB_STATE_DIR": state, "AIRFLOW_HOME": str(REPO),
+             "ECB_CONFIG": str(REPO / "tests" / "ecb_test_config.yaml"),
+             "ECB_MODEL_CACHE": str(Path(state) / "model-cache"),
+             "AIRFLOW__CORE__LOAD_EXAMPLES": os.environ.get("AIRFLOW__CORE__LOAD_EXAMPLES", "False"),
+             "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")})  # no network here: never wait on the Hub
     sys.path[:0] = [str(REPO), str(REPO / "plugins")]
     # A fresh chat port each session, never the demo's 8000 (a demo stack may be running); the stack hands it to the
     # steps through its config file (stack-config.yaml, last in ECB_CONFIG).
     SETTINGS.update(stack.init_settings(airflow_port=stack.free_port(), chat_port=stack.free_port()))
-    os.environ.update(stack.stack_env(SETTINGS))
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "plugins"), os.environ.get("PYTHONPATH", "")])
+    _export(stack.stack_env(SETTINGS))
+    _export({"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "plugins"), os.environ.get("PYTHONPATH", "")])})
 
 
 # The longest modules start first: with two workers (make test) the suite then ends with short ones on both.

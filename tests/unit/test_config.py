@@ -146,6 +146,7 @@ def test_flatten_descends_as_deep_as_asked():
 def test_the_test_session_reads_the_test_config():
     """Every pytest process (each `make test` worker too) runs the steps with tests/ecb_test_config.yaml, then the
     stack's own file: a worker that inherited ECB_STACK_MANAGED=1 from the controller read the demo config."""
+    import json
     import os
 
     from tasks.config import load_config
@@ -154,3 +155,12 @@ def test_the_test_session_reads_the_test_config():
     first, *rest = os.environ["ECB_CONFIG"].split(os.pathsep)
     assert first == str(REPO / "tests" / "ecb_test_config.yaml") and rest and rest[-1].endswith("stack-config.yaml")
     assert load_config().chat.max_new_tokens == 16 and load_config().hpo.trial_max_steps == 6
+    # ... and its own stack: the state folder and S3 endpoint of this process, not the controller's
+    from tasks.devstack import stack
+    from tests.conftest import BEFORE, SETTINGS
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    assert os.environ["ECB_STATE_DIR"].endswith(f"-{worker}") if worker else "-gw" not in os.environ["ECB_STATE_DIR"]
+    shell = json.loads(os.environ[BEFORE])  # what the person's shell had before the test session set anything
+    assert SETTINGS.get("external_s3") == (shell.get("ECB_S3_ENDPOINT_URL") or None)  # ours unless they chose one
+    assert os.environ["ECB_S3_ENDPOINT_URL"] == (stack.s3_endpoint(SETTINGS) or "")
