@@ -90,3 +90,31 @@ def test_markup_in_a_message_is_shown_as_text(browser, live_url):
     assert page.text_content(".msg.user .text") == payload
     assert page.locator(".msg.user img").count() == 0 and page.locator(".msg script").count() == 0
     assert page.evaluate("window.__xss") is None
+
+
+def test_a_message_sent_right_after_new_conversation_stays(browser, live_url):
+    """Typed and sent while "New conversation" is still being created (each creation answered 400 ms late here):
+    the message goes to the new conversation and its reply stays on the page. Before, the send started a third
+    conversation and the pending switch then wiped both bubbles (seen once in CI)."""
+    page = browser.new_page()
+    page.add_init_script("""(() => {
+        const real = window.fetch;
+        window.__created = 0;
+        window.fetch = (path, options) => {
+            const slow = path === "/api/conversations" && options && options.method === "POST";
+            if (!slow) return real(path, options);
+            window.__created += 1;
+            return new Promise((ok) => setTimeout(ok, 400)).then(() => real(path, options));
+        };
+    })()""")
+    page.goto(live_url)
+    page.click("#new")
+    page.fill("#input", "Can I change my delivery address?")
+    page.click("#send")
+    page.wait_for_selector(".msg.assistant:not(.streaming) .rate button", timeout=30000)
+    assert page.locator(".msg .text").all_text_contents()[0] == "Can I change my delivery address?"
+    assert page.locator(".msg.user").count() == 1 and page.locator(".msg.assistant").count() == 1
+    assert page.evaluate("window.__created") == 2  # the first load's and the button's: none for the send
+    page.reload()  # the stored conversation is the new one, with the exchange in it
+    page.wait_for_selector(".msg.assistant .text")
+    assert page.locator(".msg .text").all_text_contents()[0] == "Can I change my delivery address?"

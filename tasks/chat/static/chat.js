@@ -5,6 +5,10 @@
 const KEY = "ecb-chat";
 const $ = (id) => document.getElementById(id);
 let session = JSON.parse(localStorage.getItem(KEY) || "null");
+// Loading the history and starting a new conversation run one after the other, and send() waits for them: a reply
+// typed right after "New conversation" must not go to the old conversation and then be wiped by the switch.
+let switching = Promise.resolve();
+function switchTo(step) { switching = switching.then(step, step); return switching; }
 
 function setStatus(text) { $("status").textContent = text; }
 
@@ -52,7 +56,7 @@ async function rate(id, value, box, button) {
   }
 }
 
-async function newConversation() {
+async function startConversation() {
   session = null;
   const r = await api("/api/conversations", { method: "POST", body: "{}" });
   if (!r.ok) { setStatus(`Could not start a conversation (${r.status})`); return; }
@@ -64,9 +68,9 @@ async function newConversation() {
 }
 
 async function loadHistory() {
-  if (!session) return newConversation();
+  if (!session) return startConversation();
   const r = await api(`/api/conversations/${encodeURIComponent(session.id)}`);
-  if (r.status === 404) return newConversation();
+  if (r.status === 404) return startConversation();
   const data = await r.json();
   $("messages").replaceChildren();
   for (const m of data.messages) {
@@ -108,12 +112,14 @@ async function* sseEvents(response) {
 }
 
 async function send(text) {
-  if (!session) await newConversation();
+  $("send").disabled = true;
+  await switching;
+  if (!session) await switchTo(startConversation);
+  if (!session) { $("send").disabled = false; return; }  // could not start one: setStatus said why
   bubble("user", text);
   const el = bubble("assistant", "");
   el.classList.add("streaming");
   const body = el.querySelector(".text");
-  $("send").disabled = true;
   try {
     const r = await api(`/api/conversations/${encodeURIComponent(session.id)}/messages`, {
       method: "POST", body: JSON.stringify({ content: text, stream: true }),
@@ -148,7 +154,7 @@ document.addEventListener("DOMContentLoaded", () => {
   $("input").addEventListener("keydown", (ev) => {
     if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); $("composer").requestSubmit(); }
   });
-  $("new").addEventListener("click", newConversation);
+  $("new").addEventListener("click", () => switchTo(startConversation));
   loadModel();
-  loadHistory();
+  switchTo(loadHistory);
 });
