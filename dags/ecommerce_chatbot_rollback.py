@@ -24,7 +24,7 @@ default_args = {
     "owner": "ml-platform",
     "retries": CFG.pipeline.retries,
     "retry_delay": timedelta(seconds=CFG.pipeline.retry_delay_s),
-    "retry_exponential_backoff": True,
+    "retry_exponential_backoff": 2.0,  # doubles each retry (a multiplier since Airflow 3.3)
     "execution_timeout": timedelta(seconds=CFG.pipeline.step_timeout_s),
 }
 

@@ -52,7 +52,7 @@ default_args = {
     "owner": "ml-platform",
     "retries": CFG.pipeline.retries,
     "retry_delay": timedelta(seconds=CFG.pipeline.retry_delay_s),
-    "retry_exponential_backoff": True,  # rides out short S3 / Postgres outages
+    "retry_exponential_backoff": 2.0,  # doubles each retry (Airflow 3.3: a multiplier; True = 1 = constant)
     "execution_timeout": timedelta(seconds=CFG.pipeline.step_timeout_s),
 }
 
@@ -124,7 +124,8 @@ def ecommerce_chatbot_training():
     # A canary (release.canary_share > 0) is judged on live chats: poll its reply count, giving the worker slot back
     # between polls, then promote or roll back. Without a canary both finish at once.
     wait = step_poll("canary_status", task_id="wait_for_canary", inputs=version,
-                     poke_interval_s=CFG.release.canary_poll_s, timeout_s=CFG.release.canary_timeout_s + 3600)
+                     poke_interval_s=CFG.release.canary_poll_s, timeout_s=CFG.release.canary_timeout_s + 3600,
+                     retries=CFG.pipeline.poll_retries)
     verdict = step("canary_verdict", inputs=version)
 
     sync >> prep >> changed >> plan >> trials >> best >> tune >> evaluate >> gate

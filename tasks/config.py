@@ -242,6 +242,10 @@ class PipelineConfig:
     retries: int = opt(2, "Airflow retries per task; a retry resumes from what the step already wrote.",
                        minimum=0, maximum=10)
     retry_delay_s: int = opt(30, "First retry delay in seconds (doubles each retry).", minimum=1)
+    poll_retries: int = opt(10, "Retries of a polling task (wait_for_canary), each one more look after the poll "
+                                "interval: Airflow 3.3 can fail a rescheduled poke whose exit the scheduler reads "
+                                "after the next poke was queued (apache/airflow#71172), and a lost poke must not end "
+                                "the canary without a verdict.", minimum=0, maximum=100)
     step_timeout_s: int = opt(6 * 3600, "A step command running longer than this is killed.", minimum=10)
     log_level: str = opt("INFO", "Log level of the step commands and the chat service.",
                          choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))

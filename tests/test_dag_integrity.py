@@ -42,12 +42,15 @@ def test_pipeline_settings_are_used_as_configured(monkeypatch, tmp_path):
     from airflow.dag_processing.dagbag import DagBag
 
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text("pipeline:\n  retries: 0\n  step_timeout_s: 120\n")
+    cfg.write_text("pipeline:\n  retries: 0\n  poll_retries: 0\n  step_timeout_s: 120\n")
     monkeypatch.setenv("ECB_CONFIG", str(cfg))
     bag = DagBag(dag_folder=str(REPO / "dags"))
     assert bag.import_errors == {}
     tasks = bag.dags["ecommerce_chatbot_training"].tasks
     assert {(t.retries, t.execution_timeout) for t in tasks} == {(0, timedelta(seconds=120))}
+    # retry_delay_s "doubles each retry": Airflow 3.3 reads retry_exponential_backoff as the multiplier (True = 1).
+    steps = [t for t in tasks if t.task_id != "wait_for_canary"]
+    assert {t.retry_exponential_backoff for t in steps} == {2.0}
 
 
 def test_trigger_form_comes_from_config(dagbag):
@@ -199,6 +202,9 @@ def test_canary_wait_is_a_rescheduling_sensor_of_the_status_step(dagbag):
     assert isinstance(wait, BaseSensorOperator) and wait.mode == "reschedule" and wait.reschedule is True
     assert wait.step == "canary_status" and wait.poke_interval == cfg.canary_poll_s
     assert wait.timeout > cfg.canary_timeout_s
+    # A lost poke (apache/airflow#71172) costs one poll interval, not the canary's verdict.
+    assert wait.retries == load_config().pipeline.poll_retries >= 5
+    assert wait.retry_delay.total_seconds() == cfg.canary_poll_s and wait.retry_exponential_backoff == 0
     assert isinstance(wait.inputs["registry_version"], XComArg)
     assert wait.inputs["registry_version"].operator.task_id == "register_model"
     assert set(wait.template_fields) >= {"inputs", "overrides"}  # upstream values are rendered like any step's
@@ -228,7 +234,7 @@ def test_step_poll_pokes_the_step_once_per_poke(monkeypatch, ready):
     calls = []
     manifest = {"ready": ready, "candidate_replies": 7}
     monkeypatch.setattr(steps.LocalStepOperator, "execute", lambda self, context: calls.append(context) or manifest)
-    sensor = polling.step_poll("canary_status", task_id="wait", poke_interval_s=5, timeout_s=60,
+    sensor = polling.step_poll("canary_status", task_id="wait", poke_interval_s=5, timeout_s=60, retries=3,
                                inputs={"registry_version": "2"})
     assert isinstance(sensor, steps.LocalStepOperator) and sensor.step == "canary_status"
     result = sensor.poke({"run_id": "r"})

@@ -9,6 +9,8 @@ of sleeping in it. The step's manifest (the last poke's) is the task's XCom, fie
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
 from ecb_airflow.steps import _operator
@@ -33,10 +35,18 @@ def poll_class(operator_cls: type) -> type:
     return _CLASSES[operator_cls]
 
 
-def step_poll(step_name: str, *, poke_interval_s: float, timeout_s: float, task_id: str | None = None,
-              inputs: dict | None = None, **kwargs):
+def step_poll(step_name: str, *, poke_interval_s: float, timeout_s: float, retries: int,
+              task_id: str | None = None, inputs: dict | None = None, **kwargs):
     """A reschedule-mode sensor running ``python -m tasks <step_name>`` every ``poke_interval_s`` until its manifest
-    has ``ready: true``; it fails after ``timeout_s`` (a backstop: a step that waits on time says ready itself)."""
+    has ``ready: true``; it fails after ``timeout_s`` (a backstop: a step that waits on time says ready itself).
+
+    A failed poke is retried like the next poke (after ``poke_interval_s``, no backoff), up to ``retries`` times.
+    Why so many: Airflow 3.3's scheduler fails a reschedule-mode try when it reads the executor's "success" for one
+    poke's exit only after the next poke was already queued (apache/airflow#71172: seen in CI on a loaded machine,
+    three times in three minutes at a 5 s interval). The step keeps no state between pokes (the canary's clock is
+    in Postgres), so a retry loses nothing but that poke."""
     cls, extra = _operator(step_name, gpu=False)
     return poll_class(cls)(task_id=task_id or step_name, step=step_name, inputs=inputs, mode="reschedule",
-                           poke_interval=poke_interval_s, timeout=timeout_s, **{**extra, **kwargs})
+                           poke_interval=poke_interval_s, timeout=timeout_s, retries=retries,
+                           retry_delay=timedelta(seconds=poke_interval_s), retry_exponential_backoff=0,
+                           **{**extra, **kwargs})

@@ -159,7 +159,7 @@ def loop(services, airflow_db, mlflow_server, tiny_base_model, tmp_path_factory)
         "training": {"max_steps": 10},
         "gate": {"require_approval": True},
         "pipeline": {"schedule": "0 0 29 2 *", "landing_check_s": 10},
-        "release": {"canary_poll_s": 5},  # read at parse time: the canary test's wait_for_canary looks every 5 s
+        "release": {"canary_poll_s": 10},  # read at parse time: the canary test's wait_for_canary looks every 10 s
     }))
     with pytest.MonkeyPatch.context() as mp:
         # Every Airflow process (and the steps it runs) reads the test config, then this file.
