@@ -224,6 +224,11 @@ def stack_env(s: dict) -> dict:
         "AIRFLOW__API__BASE_URL": f"http://localhost:{s['airflow_port']}",
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{s['airflow_port']}/execution/",
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(state_dir() / "airflow" / "logs"),
+        # A task supervisor notices its task's exit only at its next check, up to this many seconds later (5 by
+        # default; seen here: 5.0 s after the last log line), and the scheduler reads the exit after that. A poke
+        # rescheduled or an approval answered inside that window hits Airflow's "finished with state success, but
+        # the task instance's state attribute is queued" race (RELIABILITY.md): a 1 s check keeps it narrow.
+        "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
         # Local demo only: the UI opens without a login. docker-compose/Kubernetes use real users.
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
         "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(aws_conn),

@@ -42,7 +42,7 @@ DAG_ID, WATCHER_ID = "ecommerce_chatbot_training", "ecommerce_chatbot_landing_wa
 ASSET_NAMES = ("support_conversations_landing", "support_conversations_raw", "chatml_snapshot", "chatbot_model")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CANARY_REPLIES = 20  # release.canary_min_messages of the promoted canary (the rolled back one waits for 100)
-ANSWER_AFTER_S = 5  # Loop.answer: a person does not answer within a scheduler loop of the request
+ANSWER_AFTER_S = 2  # Loop.answer: a person does not answer within a scheduler loop of the request
 
 
 def wait_until(check, what: str, timeout: float, every: float = 1.0, why=lambda: ""):
@@ -112,12 +112,24 @@ class Loop:
 
         wait_until(parked, f"run {run_id} to wait in approve_release", 1200, 2, lambda: self.why(run_id))
 
+    def parked_exit_read(self, run_id: str) -> bool:
+        """Whether the scheduler has read the executor's event for the exit of the try now waiting in
+        approve_release (its "TaskInstance Finished: ... state=awaiting_input" line for that try)."""
+        (ti,) = self.q("SELECT try_number FROM task_instance WHERE dag_id = :d AND run_id = :r AND task_id = "
+                       "'approve_release'", d=DAG_ID, r=run_id)
+        log = state_dir() / "logs" / "airflow-scheduler.log"
+        needle, this_try = f"task_id=approve_release, run_id={run_id}, ", f"try_number={ti['try_number']},"
+        return any(needle in line and "state=awaiting_input" in line and this_try in line
+                   for line in log.read_text(errors="replace").splitlines() if "TaskInstance Finished" in line)
+
     def answer(self, run_id: str, option: str, comment: str) -> dict:
-        """Answer as a person would: not within a second of the request. Airflow 3.3 race: an answer that arrives
-        before the scheduler processed the executor's event for the parked task's exit (about one scheduler loop)
-        finds the resumed task queued, the scheduler says "finished with state success, but the task instance's
-        state attribute is queued", fails that try, and the retry asks again (its upsert drops the answer). Seen in
-        CI; RELIABILITY.md says what an operator sees and does."""
+        """Answer as a person would: not before the request is fully parked. Airflow 3.3 race: an answer that
+        arrives before the scheduler read the executor's event for the parked task's exit (its supervisor notices
+        the exit up to [workers] min_heartbeat_interval later, then one scheduler loop) finds the resumed task
+        queued, the scheduler says "finished with state success, but the task instance's state attribute is
+        queued", fails that try, and the retry asks again (its upsert drops the answer). Seen in CI with a fixed
+        5 s pause; RELIABILITY.md says what an operator sees and does."""
+        wait_until(lambda: self.parked_exit_read(run_id), f"the scheduler to read run {run_id}'s parked exit", 120, 1)
         time.sleep(ANSWER_AFTER_S)
         path = f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/approve_release/-1/hitlDetails"
         r = self.rest("PATCH", path, json={"chosen_options": [option], "params_input": {"comment": comment}})
