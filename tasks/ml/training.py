@@ -544,6 +544,36 @@ def fit(model, train: list[Example], tcfg, steps: int, state: TrainState, opt, s
 
 def _forward_backward(model, inputs: dict, autocast):
     with autocast:
-        loss = model(**inputs).loss
+        loss = labelled_loss(model, inputs)
     loss.backward()
     return loss
+
+
+def _decoder_and_head(model):
+    """(decoder, output head) of a causal LM whose logits are ``head(decoder(...).last_hidden_state)`` and nothing
+    more, PEFT-wrapped or not; None for heads that scale or cap their logits (Gemma 2, Granite, ...)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = base.config
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logits_scaling", 1.0) not in (None, 1, 1.0):
+        return None
+    decoder, head = getattr(base, "model", None), base.get_output_embeddings()
+    return (decoder, head) if decoder is not None and head is not None else None
+
+
+def labelled_loss(model, inputs: dict):
+    """The model's own causal-LM loss (mean next-token cross-entropy over the labelled positions), with the output
+    head applied to the labelled positions only. Only assistant tokens carry labels, so the vocabulary-wide logits
+    of every prompt and padding position (most of a row; 2048 x 32,000 floats per TinyLlama row) are never made.
+    Falls back to ``model(**inputs).loss`` for heads it does not know."""
+    import torch
+
+    parts = _decoder_and_head(model)
+    if parts is None:
+        return model(**inputs).loss
+    decoder, head = parts
+    labels = inputs["labels"]
+    hidden = decoder(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False).last_hidden_state
+    target = labels[:, 1:]
+    keep = target != IGNORE
+    logits = head(hidden[:, :-1][keep]).float()  # the model's loss upcasts its logits the same way
+    return torch.nn.functional.cross_entropy(logits, target[keep])

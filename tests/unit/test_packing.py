@@ -254,3 +254,39 @@ def test_regional_compile_compiles_every_decoder_layer_with_one_graph_and_trains
     for name, p in eager.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(trained[name], p, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["padded", "varlen_sdpa", "sdpa"])
+def test_labelled_loss_equals_the_models_loss_and_gradients(model, examples, impl):
+    """Training's loss applies the output head to the labelled (assistant) positions only: same loss and same LoRA
+    gradients as the model's own loss over all logits, padded or packed, and the head sees only labelled rows."""
+    from tasks.ml.training import labelled_loss
+
+    if impl == "padded":
+        ids, mask, labels = collate(examples, list(range(len(examples))), pad_id=2, device="cpu")
+        inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    else:
+        rows = pack_rows([len(e.input_ids) for e in examples], 512)
+        inputs = packed_inputs(collate_packed(examples, rows, len(rows) + 1, 512, pad_id=2), impl, "cpu")
+    head_rows = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: head_rows.append(args[0].shape[:-1].numel()))
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    results = []
+    try:
+        with attention(model, impl if impl != "padded" else "sdpa"):
+            for loss_of in (lambda: model(**inputs).loss, lambda: labelled_loss(model, inputs)):
+                model.zero_grad(set_to_none=True)
+                loss = loss_of()
+                loss.backward()
+                results.append((loss.detach(), [p.grad.clone() for p in lora]))
+    finally:
+        hook.remove()
+        model.zero_grad(set_to_none=True)
+    (full, full_grads), (labelled, grads) = results
+    torch.testing.assert_close(labelled, full, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, full_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    n_labelled = int((inputs["labels"][:, 1:] != IGNORE).sum())
+    assert head_rows == [inputs["labels"].numel(), n_labelled]  # all positions, then only the labelled ones
+    assert 0 < n_labelled < inputs["labels"].numel()
