@@ -392,7 +392,7 @@ def validation_loss(model, examples: list[Example], batch_size: int, max_batches
         for b in batches:
             ids, mask, labels = collate(examples, b, pad_id, device)
             n = int((labels[:, 1:] != IGNORE).sum())
-            total += float(model(input_ids=ids, attention_mask=mask, labels=labels).loss) * n
+            total += float(labelled_loss(model, {"input_ids": ids, "attention_mask": mask, "labels": labels})) * n
             count += n
     model.train(was_training)
     return total / max(count, 1)
