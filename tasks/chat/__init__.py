@@ -36,6 +36,10 @@ class ModelState:
 
         self.cfg, self.loader, self.planner = cfg, loader, planner or fixed_plan
         self.config_source = config_source  # the app's config file(s): re-read on reload, like a restart would
+        # The settings requests read (limits, prompt, generation lengths): those of the last successful load, so a
+        # deploy's per-run overrides apply on a reload as on a restart. Process settings (port, threads, batch size,
+        # pools) stay as started.
+        self.live_cfg = cfg
         self.serving = Serving()
         self.pinned: str | None = None
         self.generator = Generator(cfg.chat.max_batch_size, cfg.chat.max_queue)
@@ -102,7 +106,7 @@ class ModelState:
             except Exception as exc:  # a candidate that cannot load never takes the champion down with it
                 error = f"candidate version {target.version}: {type(exc).__name__}: {exc}"[:500]
                 log.error("canary not served, the champion serves alone: %s", error)
-        self.serving, self.pinned = Serving(champion, candidate, share), uri
+        self.serving, self.pinned, self.live_cfg = Serving(champion, candidate, share), uri, cfg
         self.reload_state.update(state="failed" if error else "idle", error=error)
         log.info("serving model version %s (was %s)%s", champion.version, old.champion and old.champion.version,
                  f"; canary version {candidate.version} gets {share:.0%} of new conversations" if candidate else "")

@@ -55,7 +55,7 @@ class RateLimiter:
 
 
 def _cfg():
-    return current_app.config["ECB"]
+    return current_app.extensions["ecb_model"].live_cfg
 
 
 def _state():

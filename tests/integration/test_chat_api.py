@@ -213,6 +213,34 @@ def test_feedback_is_stored_with_the_model_version(client):
     assert client.post(f"/api/messages/{mid}/feedback", json={"rating": 1}, headers=stranger).status_code == 404
 
 
+def test_a_reload_applies_the_rewritten_config_file_like_a_restart(services, tiny_base_model, tmp_path, monkeypatch):
+    """The deploy step rewrites the service's config file and asks for a reload: the new limits hold from the swap
+    on (they were read at start-up only, so a run's overrides were silently ignored until a restart)."""
+    import yaml
+
+    from tasks.chat import create_app
+
+    monkeypatch.setenv("ECB_CHAT_ADMIN_TOKEN", ADMIN)
+    path = tmp_path / "chat.yaml"
+
+    def write(create_limit: int) -> None:
+        path.write_text(yaml.safe_dump({"chat": {"model_uri": str(tiny_base_model), "max_new_tokens": 2,
+                                                 "create_limit_per_minute": create_limit}}))
+
+    write(2)
+    app = create_app(str(path), wait_for_model=True)
+    client = app.test_client()
+    codes = [client.post("/api/conversations", json={}).status_code for _ in range(3)]
+    assert codes == [201, 201, 429]
+    write(100)
+    assert client.post("/admin/reload", json={}, headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 202
+    wait_reload(app.extensions["ecb_model"])
+    assert app.extensions["ecb_model"].reload_state["state"] == "idle"
+    cid, auth = new_conversation(client)  # the 4th within the minute: allowed now
+    r = client.post(f"/api/conversations/{cid}/messages", json={"content": "where is my order"}, headers=auth)
+    assert r.status_code == 200, r.get_json()
+
+
 def test_admin_reload_needs_the_token(client, monkeypatch):
     monkeypatch.setenv("ECB_CHAT_ADMIN_TOKEN", ADMIN)
     assert client.post("/admin/reload").status_code == 401
