@@ -173,6 +173,9 @@ def loop(services, airflow_db, mlflow_server, tiny_base_model, tmp_path_factory)
         "gate": {"require_approval": True},
         "pipeline": {"schedule": "0 0 29 2 *", "landing_check_s": 10},
         "release": {"canary_poll_s": 10},  # read at parse time: the canary test's wait_for_canary looks every 10 s
+        # The simulated users all chat from 127.0.0.1: at the default 60 new conversations per address per minute the
+        # rolled back canary's ~260 chats took 4.5 minutes of waiting on HTTP 429s (limits are tested in test_chat_api)
+        "chat": {"create_limit_per_minute": 100000, "rate_limit_per_minute": 100000},
     }))
     with pytest.MonkeyPatch.context() as mp:
         # Every Airflow process (and the steps it runs) reads the test config, then this file.
