@@ -85,8 +85,8 @@ class StepTrain:
     def run_to(self, step: int, mark_at: int | None = None) -> None:
         from tasks.ml.training import fit
 
-        def on_step(st, loss: float) -> bool:
-            if st.step == mark_at:  # fit has just read the loss (.item()): the device is idle
+        def on_step(st, losses) -> bool:
+            if st.step == mark_at:  # now() waits for the device to finish the steps queued so far
                 self.mark = (now(self.dev), st.tokens, st.slots)
             return False
 

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import tempfile
+import time
 from pathlib import Path
 
 from tasks.io import s3
@@ -40,17 +41,66 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(uri: str, model, opt, sched, state: TrainState, config_hash: str) -> None:
+def checkpoint_bytes(model, opt, sched, state: TrainState) -> bytes:
+    """The resumable state, serialized now (the next optimizer step changes the tensors in place)."""
     import torch
     from peft import get_peft_model_state_dict
 
     buf = io.BytesIO()
     torch.save({"adapter": get_peft_model_state_dict(model), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "rng": _rng_state(), "state": state.to_dict()}, buf)
-    s3.put_bytes(s3.join(uri, "state.pt"), buf.getvalue())
+    return buf.getvalue()
+
+
+def upload_checkpoint(uri: str, data: bytes, step: int, config_hash: str) -> None:
+    s3.put_bytes(s3.join(uri, "state.pt"), data)
     # meta.json last: a checkpoint counts only once its state is fully written.
-    s3.put_json(s3.join(uri, "meta.json"), {"step": state.step, "config_hash": config_hash})
-    log.info("checkpoint saved at step %d (%.1f MB) to %s", state.step, buf.tell() / 1e6, uri)
+    s3.put_json(s3.join(uri, "meta.json"), {"step": step, "config_hash": config_hash})
+
+
+class CheckpointWriter:
+    """Checkpoints uploaded off the training thread. ``save`` serializes the state at once and hands the upload
+    (state.pt, then meta.json) to one background thread, so training goes on while S3 takes the bytes. At most one
+    upload is in flight: a save waits for the previous upload first (memory holds at most two serialized
+    checkpoints, and checkpoints land in step order). An upload error is raised by the next ``save`` or by
+    ``close``, so the step fails (and its retry resumes from the last complete checkpoint) instead of finishing
+    with a checkpoint that is not there. ``on_saved(step)`` runs on the upload thread once a checkpoint counts."""
+
+    def __init__(self, uri: str, config_hash: str, on_saved=None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.uri, self.config_hash, self.on_saved = uri, config_hash, on_saved
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-upload")
+        self._pending = None
+        self.saved_steps: list[int] = []
+
+    def save(self, model, opt, sched, state: TrainState) -> None:
+        self.wait()
+        started = time.monotonic()
+        data = checkpoint_bytes(model, opt, sched, state)
+        log.info("checkpoint at step %d: %.1f MB serialized in %.2fs; uploading in the background", state.step,
+                 len(data) / 1e6, time.monotonic() - started)
+        self._pending = self._pool.submit(self._upload, data, state.step)
+
+    def _upload(self, data: bytes, step: int) -> None:
+        started = time.monotonic()
+        upload_checkpoint(self.uri, data, step, self.config_hash)
+        self.saved_steps.append(step)
+        log.info("checkpoint of step %d uploaded in %.1fs to %s", step, time.monotonic() - started, self.uri)
+        if self.on_saved is not None:
+            self.on_saved(step)
+
+    def wait(self) -> None:
+        """Until the upload in flight is done; raises its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def load_checkpoint(uri: str, model, opt, sched, config_hash: str) -> TrainState | None:

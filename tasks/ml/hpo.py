@@ -139,7 +139,7 @@ def pruning_callback(trial, hcfg, loss_of):
     loss (``loss_of()``; the study maximizes) and raise optuna.TrialPruned, saying why, when the pruner says stop."""
     import optuna
 
-    def on_step(st, loss: float) -> bool:
+    def on_step(st, losses) -> bool:
         if st.step % hcfg.report_every or st.step >= hcfg.trial_max_steps:
             return False
         vl = loss_of()

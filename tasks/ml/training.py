@@ -294,12 +294,13 @@ def packed_attention_mask(seq_ids, impl: str, dtype=None):
 
 def packed_inputs(batch: dict, impl: str, device, dtype=None) -> dict:
     """Model keyword arguments for a packed batch from ``collate_packed`` under attention kernel ``impl``."""
-    ids, labels, pos = (batch[k].to(device) for k in ("input_ids", "labels", "position_ids"))
+    # non_blocking: from pinned memory (fit on CUDA) the copies are queued behind the running step, not waited for
+    ids, labels, pos = (batch[k].to(device, non_blocking=True) for k in ("input_ids", "labels", "position_ids"))
     if impl in ("varlen_sdpa", VARLEN):  # the attention finds the conversations from the position ids
         return {"input_ids": ids, "labels": labels, "position_ids": pos}
     if impl.startswith("flash_attention"):  # varlen kernels find the conversations from the position ids
         return {"input_ids": ids.view(1, -1), "labels": labels.view(1, -1), "position_ids": pos.view(1, -1)}
-    mask = packed_attention_mask(batch["seq_ids"].to(device), impl, dtype)
+    mask = packed_attention_mask(batch["seq_ids"].to(device, non_blocking=True), impl, dtype)
     return {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": mask}
 
 
@@ -398,19 +399,43 @@ def validation_loss(model, examples: list[Example], batch_size: int, max_batches
     return total / max(count, 1)
 
 
+class LossLog:
+    """The per-step losses of a fit, kept on the device and read in one transfer when somebody looks (a progress
+    line, a checkpoint, a pruning report, the end of fit). Reading each step's loss (``.item()``) would make the CPU
+    wait for the GPU at every step, so it could not prepare the next batch (and its BlockMask) while the GPU works."""
+
+    def __init__(self, state: TrainState):
+        self.state, self.pending = state, []
+
+    def add(self, step: int, loss, lr: float) -> None:
+        self.pending.append((step, loss.detach(), lr))
+
+    def flush(self) -> float | None:
+        """Move the pending losses into ``state.losses`` (one device sync); returns the latest loss."""
+        if self.pending:
+            import torch
+
+            values = torch.stack([loss.float() for _, loss, _ in self.pending]).tolist()
+            self.state.losses += [(step, value, lr) for (step, _, lr), value in zip(self.pending, values, strict=True)]
+            self.pending.clear()
+        return self.state.losses[-1][1] if self.state.losses else None
+
+
 class Progress:
-    """A progress line at most every `every_s` seconds: step, loss, lr, tokens/s, ETA."""
+    """A progress line at most every `every_s` seconds: step, loss, lr, tokens/s, ETA (the loss is read then)."""
 
     def __init__(self, total: int, every_s: float, start_step: int):
         self.total, self.every_s = total, every_s
         self.t0 = self.last = time.monotonic()
         self.start_step, self.tokens = start_step, 0
 
-    def update(self, state: TrainState, loss: float, lr: float, tokens: int, force: bool = False) -> None:
+    def update(self, state: TrainState, losses: LossLog, lr: float, tokens: int, force: bool = False) -> None:
         self.tokens += tokens
         now = time.monotonic()
         if not force and now - self.last < self.every_s:
             return
+        loss = losses.flush()
+        now = time.monotonic()  # after the wait for the device: the rate counts the work queued so far
         self.last = now
         done = state.step - self.start_step
         rate = self.tokens / max(now - self.t0, 1e-9)
@@ -495,14 +520,17 @@ class RegionalCompile:
 
 def fit(model, train: list[Example], tcfg, steps: int, state: TrainState, opt, sched, *, pad_id: int, device,
         dtype, on_step=None) -> TrainState:
-    """Train until state.step == steps. on_step(state, loss) runs after every optimizer step (checkpoints,
-    pruning reports); it may return True to stop early."""
+    """Train until state.step == steps. on_step(state, losses) runs after every optimizer step (checkpoints,
+    pruning reports); it may return True to stop early. ``losses`` is the fit's LossLog: ``losses.flush()`` puts
+    the losses so far into state.losses (a device sync: only when needed, e.g. before a checkpoint). fit returns
+    with every step's loss in state.losses."""
     import torch
 
     batching = plan_batching(train, tcfg, device)
     impl = packed_attention_impl(tcfg, model, device) if batching.packing else None
     restore = _set_attn_implementation(model, impl)
-    compiled = None
+    compiled, losses = None, LossLog(state)
+    cuda = str(device).startswith("cuda")
     try:
         compiled = RegionalCompile(model, tcfg, device, steps - state.step, batching.packing)
         model.train()
@@ -511,14 +539,17 @@ def fit(model, train: list[Example], tcfg, steps: int, state: TrainState, opt, s
         autocast = torch.autocast(device_type=str(device).split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
         while state.step < steps:
             for rows in batching.epoch(train, tcfg.seed, state.epoch)[state.batch_in_epoch:]:
+                # Token counts come from the CPU-side lists: reading a device tensor would wait for the GPU.
+                n_tokens = sum(len(train[i].input_ids) for row in rows for i in row)
                 if batching.packing:
                     batch = collate_packed(train, rows, batching.rows_per_step, batching.pack_length, pad_id)
-                    n_tokens = sum(len(train[i].input_ids) for row in rows for i in row)
+                    if cuda:  # pinned: the copies below return at once and overlap the step still running
+                        batch = {k: v.pin_memory() for k, v in batch.items()}
                     n_slots = batch["input_ids"].numel()
                     inputs = packed_inputs(batch, impl, device, dtype)
                 else:
                     ids, mask, labels = collate(train, [r[0] for r in rows], pad_id, device)
-                    n_tokens, n_slots = int(mask.sum()), ids.numel()
+                    n_slots = ids.numel()
                     inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
                 loss = compiled.step(lambda inputs=inputs: _forward_backward(model, inputs, autocast))
                 opt.step()
@@ -528,15 +559,16 @@ def fit(model, train: list[Example], tcfg, steps: int, state: TrainState, opt, s
                 state.batch_in_epoch += 1
                 state.tokens += n_tokens
                 state.slots += n_slots
-                lr, value = sched.get_last_lr()[0], loss.detach().item()
-                state.losses.append((state.step, value, lr))
-                progress.update(state, value, lr, n_tokens, force=state.step == steps)
-                if (on_step and on_step(state, value)) or state.step >= steps:
+                lr = sched.get_last_lr()[0]
+                losses.add(state.step, loss, lr)
+                progress.update(state, losses, lr, n_tokens, force=state.step == steps)
+                if (on_step and on_step(state, losses)) or state.step >= steps:
                     return state
             state.epoch += 1
             state.batch_in_epoch = 0
         return state
     finally:
+        losses.flush()
         if compiled is not None:  # the model leaves fit as it came (eager layers for evaluation and saving)
             compiled.undo()
         restore()

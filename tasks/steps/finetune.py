@@ -4,8 +4,9 @@
         [--input best_params='{"lora.r": 16, "training.learning_rate": 0.0003}']
 
 Every `training.checkpoint_every` steps the adapter, optimizer, scheduler, RNG states and data position go to
-s3://<bucket>/runs/<run>/finetune/checkpoint/. An Airflow retry of a killed task loads it and continues from that
-step; a finished run (done.json present) is not trained again.
+s3://<bucket>/runs/<run>/finetune/checkpoint/ (uploaded in the background while training goes on). An Airflow
+retry of a killed task loads it and continues from that step; a finished run (done.json present) is not trained
+again.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from tasks.context import StepContext
 from tasks.data.snapshots import read_split
 from tasks.errors import StepError
 from tasks.io import s3, tracking
-from tasks.ml.checkpoints import load_checkpoint, save_adapter, save_checkpoint
+from tasks.ml.checkpoints import CheckpointWriter, load_checkpoint, save_adapter
 from tasks.ml.models import add_lora, load_base, peak_memory_mb
 from tasks.ml.training import TrainState, device_and_dtype
 
@@ -83,20 +84,29 @@ def run(ctx: StepContext) -> dict:
              "alpha=%d on %s; %s", cfg.model.base_model, len(train), len(val), steps, device, dtype, cfg.lora.r,
              cfg.lora.alpha, ",".join(cfg.lora.target_modules),
              f"resuming at step {resumed_from}" if resumed_from else "starting at step 0")
-    pending: list[tuple[str, float, int]] = []
+    logged = len(state.losses)  # a resumed run logged these to MLflow before its checkpoint
     t0, tokens0, slots0 = time.monotonic(), state.tokens, state.slots
+    # Checkpoints upload in the background; the row says a step only once its checkpoint counts.
+    writer = CheckpointWriter(ckpt_uri, config_hash,
+                              on_saved=lambda step: record(ctx, snapshot_id, "running", last_step=step))
 
-    def on_step(st: TrainState, loss: float) -> bool:
-        pending.extend([("train_loss", loss, st.step), ("learning_rate", sched.get_last_lr()[0], st.step)])
+    def new_losses(st: TrainState) -> list[tuple[str, float, int]]:
+        nonlocal logged
+        rows, logged = st.losses[logged:], len(st.losses)
+        return [(k, v, step) for step, loss, lr in rows for k, v in (("train_loss", loss), ("learning_rate", lr))]
+
+    def on_step(st: TrainState, losses) -> bool:
         if st.step % cfg.training.checkpoint_every == 0 and st.step < steps:
-            tracking.log_metrics(mlflow_run, pending)
-            pending.clear()
-            save_checkpoint(ckpt_uri, model, opt, sched, st, config_hash)
-            record(ctx, snapshot_id, "running", last_step=st.step)
+            losses.flush()  # the checkpoint holds every loss so far
+            tracking.log_metrics(mlflow_run, new_losses(st))
+            writer.save(model, opt, sched, st)
         return False
 
-    state = fit(model, train, cfg.training, steps, state, opt, sched, pad_id=tokenizer.pad_token_id,
-                device=device, dtype=dtype, on_step=on_step)
+    try:
+        state = fit(model, train, cfg.training, steps, state, opt, sched, pad_id=tokenizer.pad_token_id,
+                    device=device, dtype=dtype, on_step=on_step)
+    finally:
+        writer.close()
     elapsed = time.monotonic() - t0
     tok_s = (state.tokens - tokens0) / max(elapsed, 1e-9)
     val_loss = validation_loss(model, val, cfg.training.batch_size, cfg.training.eval_batches,
@@ -107,7 +117,7 @@ def run(ctx: StepContext) -> dict:
                "train_loss_last": last, "tokens_per_s": tok_s,
                "padding_waste": 1 - (state.tokens - tokens0) / max(state.slots - slots0, 1),
                "peak_memory_mb": peak_memory_mb(device), "steps": state.step, "resumed_from_step": resumed_from}
-    tracking.log_metrics(mlflow_run, pending + [(k, v, state.step) for k, v in metrics.items()])
+    tracking.log_metrics(mlflow_run, new_losses(state) + [(k, v, state.step) for k, v in metrics.items()])
     files = save_adapter(model, tokenizer, cfg, out_uri, mlflow_run)
     log.info("fine-tune done: %d steps (resumed from %d), train loss %.4f -> %.4f, validation loss %.4f -> %.4f, "
              "%.0f tokens/s, peak memory %.0f MB; adapter at %s", state.step, resumed_from, first, last,

@@ -1,6 +1,7 @@
 """Packed training rows: no attention across conversation boundaries, labels and positions per conversation, and
 the same loss as unpacked training (tiny Llama built here, CPU, no services)."""
 
+import sys
 from contextlib import contextmanager
 
 import pytest
@@ -204,6 +205,44 @@ def test_fit_trains_packed_rows_deterministically(tokenizer, examples):
     assert [x[1] for x in state.losses] == [x[1] for x in run()[1].losses]
 
 
+@pytest.mark.parametrize("packing", [True, False])
+def test_fit_reads_the_losses_from_the_device_only_when_somebody_looks(tokenizer, examples, monkeypatch, packing):
+    """No device sync per step in fit: no tensor is read into Python by tasks/ code during the steps (a .item() per
+    step makes the CPU wait for the GPU every step); the losses arrive in one read at the end, when the progress line
+    is not due and nobody asks (on_step flushes only when it wants them). Seen on CPU by recording the reads."""
+    from tasks.demo import model as demo_model
+    from tasks.ml import models
+    from tasks.ml.training import TrainState, fit, make_optimizer
+
+    cfg = Config()
+    cfg.training.batch_size, cfg.training.learning_rate, cfg.training.log_every_s = 4, 3e-3, 3600
+    cfg.training.packing, cfg.training.packed_attention = packing, "sdpa"  # sdpa: the mask path reads nothing either
+    base = demo_model.build_model(tokenizer, size="tiny")
+    base.config.use_cache = False
+    m = models.add_lora(base, cfg, seed=0)
+    opt, sched = make_optimizer(m, cfg.training, 4)
+    reads = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        def spy(self, *args, _name=name, _real=getattr(torch.Tensor, name)):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith("tasks."):
+                reads.append((_name, caller))
+            return _real(self, *args)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+
+    def on_step(st, losses):
+        if st.step == 2:
+            assert losses.flush() == st.losses[-1][1] and len(st.losses) == 2  # asked for: read now
+        return False
+
+    state = fit(m, examples, cfg.training, 4, TrainState(), opt, sched, pad_id=2, device="cpu", dtype=torch.float32,
+                on_step=on_step)
+    monkeypatch.undo()
+    # two reads in four steps: on_step's at step 2, then the last step's progress line (steps 3 and 4 at once)
+    assert reads == [("tolist", "tasks.ml.training")] * 2, reads
+    assert [x[0] for x in state.losses] == [1, 2, 3, 4] and all(isinstance(x[1], float) for x in state.losses)
+
+
 def _fit_watching_layers(tokenizer, examples, cfg, steps=2):
     """fit on a fresh tiny 3-layer LoRA model; returns (model, state, [compiled? per layer] seen at every step)."""
     from tasks.demo import model as demo_model
@@ -216,7 +255,7 @@ def _fit_watching_layers(tokenizer, examples, cfg, steps=2):
     opt, sched = make_optimizer(m, cfg.training, steps)
     seen = []
 
-    def on_step(st, loss):
+    def on_step(st, losses):
         seen.append([layer._compiled_call_impl is not None for layer in decoder_layers(m)])
         return False
 
