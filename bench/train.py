@@ -5,7 +5,8 @@ assistant-only labels; every 10th conversation held out for the validation loss)
 functions, not a copy: ``models.load_base`` -> ``models.add_lora`` -> ``training.make_optimizer`` ->
 ``training.fit`` with the step's config (packing, bf16 and torch.compile per decoder layer on CUDA, no gradient
 checkpointing). Rows: the seed recipe; the step's default config as it is (batch 16); on CUDA the same at batch 64
-(~8 packed rows of 2048 tokens, like the issue's probes) and QLoRA NF4 at batch 64 (eager); the default config with
+(~8 packed rows of 2048 tokens, like the issue's probes) and QLoRA NF4 at batch 64 (eager, with gradient
+checkpointing: its peak memory is compared with LoRA's at the same tokens per step); the default config with
 ``training.packing=false`` (padded batches: fit does not compile those, each new width would recompile).
 
 CPU: all recipes are built side by side and timed interleaved, one optimizer step each per round, after one
@@ -197,8 +198,9 @@ def recipes(device: str, quick: bool, big_batch: int | None) -> dict:
     if cuda:
         out[f"step path: batch {big_batch} (~8 x 2048 rows per step), compiled per layer"] = {
             "training.batch_size": big_batch}
-        out[f"step path: QLoRA NF4, batch {big_batch}, eager"] = {
-            "training.batch_size": big_batch, "lora.quantization": "nf4", "training.compile": False}
+        out[f"step path: QLoRA NF4, batch {big_batch}, gradient checkpointing, eager"] = {
+            "training.batch_size": big_batch, "lora.quantization": "nf4", "training.compile": False,
+            "training.gradient_checkpointing": True}
     if not (quick and cuda):  # padded batches: fit does not compile them (every batch has its own width)
         out["step path: default config, training.packing=false (length-grouped, padded per batch, eager)"] = {
             "training.packing": False}

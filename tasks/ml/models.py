@@ -40,12 +40,16 @@ def load_base(cfg, device: str, dtype):
 
 
 def add_lora(model, cfg, seed: int):
+    """LoRA on ``cfg.lora.target_modules`` of a frozen base (4-bit or not), with gradient checkpointing when
+    configured. A 4-bit base keeps its other weights (embeddings, norms, output head) in the compute dtype: peft's
+    ``prepare_model_for_kbit_training`` would upcast them to fp32, which doubles their memory and makes the residual
+    stream and every saved activation fp32 -- most of what QLoRA saves over LoRA."""
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
-    if cfg.lora.quantization == "nf4":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)
-    elif cfg.training.gradient_checkpointing:
+    for param in model.parameters():  # the base is frozen; only the adapter trains
+        param.requires_grad_(False)
+    if cfg.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     torch.manual_seed(seed)  # LoRA A init is random: same seed, same starting adapter

@@ -537,6 +537,7 @@ def fit(model, train: list[Example], tcfg, steps: int, state: TrainState, opt, s
         log.info("batches: %s", batching.describe())
         progress = Progress(steps, tcfg.log_every_s, state.step)
         autocast = torch.autocast(device_type=str(device).split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
+        casts = NoInputCasts(model, enabled=dtype != torch.float32)
         while state.step < steps:
             for rows in batching.epoch(train, tcfg.seed, state.epoch)[state.batch_in_epoch:]:
                 # Token counts come from the CPU-side lists: reading a device tensor would wait for the GPU.
@@ -551,7 +552,7 @@ def fit(model, train: list[Example], tcfg, steps: int, state: TrainState, opt, s
                     ids, mask, labels = collate(train, [r[0] for r in rows], pad_id, device)
                     n_slots = ids.numel()
                     inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-                loss = compiled.step(lambda inputs=inputs: _forward_backward(model, inputs, autocast))
+                loss = compiled.step(lambda inputs=inputs: _forward_backward(model, inputs, autocast, casts))
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
@@ -574,11 +575,32 @@ def fit(model, train: list[Example], tcfg, steps: int, state: TrainState, opt, s
         restore()
 
 
-def _forward_backward(model, inputs: dict, autocast):
-    with autocast:
-        loss = labelled_loss(model, inputs)
-    loss.backward()
+def _forward_backward(model, inputs: dict, autocast, casts):
+    with casts:  # the backward too: gradient checkpointing runs the forward again there
+        with autocast:
+            loss = labelled_loss(model, inputs)
+        loss.backward()
     return loss
+
+
+class NoInputCasts:
+    """peft casts each LoRA module's input to the adapter's dtype (fp32) before the adapter. Under bf16/fp16
+    autocast that cast is pure cost: a full fp32 copy of every adapted projection's input (kept for the backward
+    when LoRA dropout is on) that autocast turns back into bf16 for the adapter's matmul. fit's forward runs with
+    the casts off; anything else (validation, generation without autocast) keeps peft's casts."""
+
+    def __init__(self, model, enabled: bool):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)] if enabled else []
+
+    def __enter__(self):
+        for layer in self.layers:
+            layer.cast_input_dtype_enabled = False
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            layer.cast_input_dtype_enabled = True
 
 
 def _decoder_and_head(model):
