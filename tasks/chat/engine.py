@@ -1,8 +1,11 @@
 """The generation worker: one thread per device owns the model and decodes every request, batched.
 
-Requests enter a queue. The worker prefills each new request on its own (batch 1, no padding, so its first token
-comes as soon as possible), then merges it into the running batch: every row's KV cache is left-padded to a shared
-width and an attention mask hides the padding, so one forward pass advances every open reply by one token. A request
+Requests enter a queue. Between two decode steps the worker prefills every request that has arrived (and fits in
+the batch) in one forward pass, left-padded (up to ``PREFILL_TOKENS`` padded tokens per pass; a burst of 32 requests
+is a few passes, not 32), takes each one's first token, then merges them into the running batch: every row's KV cache
+is left-padded to a shared width and an attention mask hides the padding, so one forward pass advances every open
+reply by one token. If a batched prefill raises, its requests are prefilled again one by one, so only a request
+whose own prefill fails gets an error. A request
 that arrives while others are decoding joins at the next step; a finished one leaves at once (its row is dropped from
 the cache) without waiting for the rest. Decoding is greedy, the same as the evaluate step.
 
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 from functools import cache, cached_property
 
 log = logging.getLogger("tasks.chat.engine")
+PREFILL_TOKENS = 16384  # padded tokens (rows x longest prompt) of one batched prefill: bounds its activation memory
 
 
 class QueueFull(RuntimeError):
@@ -172,11 +176,12 @@ class Generator:
                 batch = Batch()
 
     def _admit(self, batch):
-        """Prefill waiting requests of the batch's model into free rows (all of them when the batch is empty).
+        """Prefill waiting requests of the batch's model into free rows (all of them when the batch is empty),
+        together (``prefill_group``).
 
         A request whose prefill raises gets its error event at once and the others go on being admitted; whatever
         happens, every request taken from ``pending`` is either in the batch, answered, or back in ``pending``."""
-        waiting = deque()
+        waiting, group = deque(), []
         other_waits = False  # a request for another model is waiting: admit nothing after it (arrival order)
         try:
             while self.pending:
@@ -186,21 +191,57 @@ class Generator:
                     continue
                 if job.cancelled.is_set():
                     continue
-                other_waits = other_waits or bool(batch.jobs and job.handle is not batch.handle)
-                if other_waits or len(batch.jobs) >= self.max_batch_size:
+                handle = batch.handle if batch.jobs else (group[0].handle if group else job.handle)
+                other_waits = other_waits or job.handle is not handle
+                if other_waits or len(batch.jobs) + len(group) >= self.max_batch_size:
                     waiting.append(job)
                     continue
-                if not batch.jobs and batch.handle is not job.handle:
+                if not batch.jobs and not group and batch.handle is not job.handle:
                     batch = StaticBatch(job.handle) if job.handle.decoder is not None else Batch()
-                try:
-                    batch.add(job)
-                except Exception as exc:  # this request's prefill failed: fail it alone, the others are unaffected
-                    log.exception("prefill of a %d-token prompt failed", len(job.prompt_ids))
-                    job.events.put(("error", f"generation failed: {type(exc).__name__}"))
+                group.append(job)
         finally:
             waiting.extend(self.pending)
             self.pending = waiting
+            prefill_group(batch, group)
         return batch
+
+
+def prefill_group(batch, jobs: list[Job]) -> None:
+    """Prefill ``jobs`` into ``batch`` in passes of up to PREFILL_TOKENS padded tokens (prompts of similar length
+    together); a pass that raises is redone one request at a time, and a request whose own prefill raises gets an
+    error event. Every job ends up in the batch or answered."""
+    jobs = sorted(jobs, key=lambda j: len(j.prompt_ids))
+    chunks, chunk = [], []
+    for job in jobs:
+        if chunk and (len(chunk) + 1) * len(job.prompt_ids) > PREFILL_TOKENS:
+            chunks.append(chunk)
+            chunk = []
+        chunk.append(job)
+    chunks += [chunk] if chunk else []
+    for chunk in chunks:
+        try:
+            batch.add(chunk)
+            continue
+        except Exception as exc:  # noqa: BLE001 -- find out below which request it was
+            error = exc
+            if len(chunk) == 1:
+                _fail_prefill(chunk[0], exc)
+                continue
+            log.warning("batched prefill of %d requests failed (%s: %s); prefilling them one by one", len(chunk),
+                        type(exc).__name__, str(exc)[:200])
+        for job in chunk:
+            if job.first_token_at is not None:  # the pass failed after its first tokens were sent: end it cleanly
+                _fail_prefill(job, error)
+                continue
+            try:
+                batch.add([job])
+            except Exception as one:  # noqa: BLE001 -- this request's prefill failed: fail it alone
+                _fail_prefill(job, one)
+
+
+def _fail_prefill(job: Job, exc: Exception) -> None:
+    log.error("prefill of a %d-token prompt failed: %s: %s", len(job.prompt_ids), type(exc).__name__, exc)
+    job.events.put(("error", f"generation failed: {type(exc).__name__}"))
 
 
 class Batch:
@@ -213,21 +254,30 @@ class Batch:
         self.mask = None  # [rows, width] long, 1 = real token
         self.positions = None  # [rows] next position id per row
 
-    def add(self, job: Job) -> None:
+    def add(self, jobs: list[Job]) -> None:
+        """Prefill ``jobs`` (one handle, this batch's when it has rows) together and merge the open ones in."""
+        cache, mask, open_rows = prefill(jobs)
+        if not open_rows:
+            return  # all finished with their first token (EOS or max_new_tokens=1): none joins the batch
+        if len(open_rows) < len(jobs):
+            import torch
+
+            index = torch.tensor(open_rows, dtype=torch.long, device=mask.device)
+            cache.batch_select_indices(index)
+            mask = mask[index]
+            first_real = int(mask.argmax(dim=1).min())  # the longest prompt may have finished: drop its columns
+            if first_real > 0:
+                cache, mask = _slice_cache(cache, first_real), mask[:, first_real:]
+        new = [jobs[r] for r in open_rows]
+        positions = mask.sum(dim=1)  # each row's next position: its prompt length
+        if not self.jobs:
+            self.handle, self.cache, self.mask, self.positions, self.jobs = new[0].handle, cache, mask, positions, new
+            return
         import torch
 
-        cache = prefill(job)
-        if cache is None:
-            return  # finished with its first token (EOS or max_new_tokens=1): never joins the batch
-        device, n = job.handle.device, len(job.prompt_ids)
-        mask = torch.ones((1, n), dtype=torch.long, device=device)
-        pos = torch.tensor([n], dtype=torch.long, device=device)
-        if not self.jobs:
-            self.handle, self.cache, self.mask, self.positions, self.jobs = job.handle, cache, mask, pos, [job]
-            return
         self.cache, self.mask = _merge(self.cache, self.mask, cache, mask)
-        self.positions = torch.cat([self.positions, pos])
-        self.jobs.append(job)
+        self.positions = torch.cat([self.positions, positions])
+        self.jobs += new
 
     def step(self) -> None:
         import torch
@@ -267,17 +317,31 @@ class Batch:
             self.mask = self.mask[:, first_real:]
 
 
-def prefill(job: Job):
-    """Run the job's prompt alone (batch 1, no padding) and take its first token; returns the prompt's KV cache, or
-    None when that token already finished the job."""
+def prefill(jobs: list[Job]):
+    """Run the prompts of ``jobs`` (one handle) in one forward pass, left-padded to the longest, and take each one's
+    first token. Positions count from each prompt's first real token, so a padded row computes what it would alone.
+    Returns (KV cache [rows, ..., width, ...], mask [rows, width], rows whose job is still open)."""
     import torch
 
-    h = job.handle
-    ids = torch.tensor([job.prompt_ids], dtype=torch.long, device=h.device)
+    h = jobs[0].handle
+    width = max(len(j.prompt_ids) for j in jobs)
+    ids = torch.zeros((len(jobs), width), dtype=torch.long)  # padding ids are masked: any valid id will do
+    mask = torch.zeros((len(jobs), width), dtype=torch.long)
+    for row, job in enumerate(jobs):
+        ids[row, width - len(job.prompt_ids):] = torch.tensor(job.prompt_ids)
+        mask[row, width - len(job.prompt_ids):] = 1
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    ids, mask, positions = ids.to(h.device), mask.to(h.device), positions.to(h.device)
     with torch.inference_mode():
-        out = h.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    job.first_token_at = time.monotonic()
-    return None if accept(job, int(out.logits[0, -1].argmax())) else _cache_of(out)
+        out = h.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    first = out.logits[:, -1].argmax(dim=-1).tolist()
+    now = time.monotonic()
+    open_rows = []
+    for row, (job, token) in enumerate(zip(jobs, first, strict=True)):
+        job.first_token_at = now
+        if not accept(job, token):
+            open_rows.append(row)
+    return _cache_of(out), mask, open_rows
 
 
 def accept(job: Job, token: int) -> bool:
@@ -307,15 +371,17 @@ class StaticBatch:
     def jobs(self) -> list[Job]:
         return [j for j in self.slots if j is not None]
 
-    def add(self, job: Job) -> None:
-        # the slot holds `width` tokens: the reply is cut there (the API already keeps prompt + reply in the context)
-        job.max_new_tokens = max(1, min(job.max_new_tokens, self.decoder.width - len(job.prompt_ids)))
-        cache = prefill(job)
-        if cache is None:
-            return
-        row = self.slots.index(None)
-        self.positions[row] = self.decoder.load_prefix(row, cache)
-        self.slots[row] = job
+    def add(self, jobs: list[Job]) -> None:
+        """Prefill ``jobs`` together and copy each open one's prompt cache into a free slot."""
+        for job in jobs:  # the slot holds `width` tokens: the reply is cut there (the API keeps prompt + reply in it)
+            job.max_new_tokens = max(1, min(job.max_new_tokens, self.decoder.width - len(job.prompt_ids)))
+        cache, mask, open_rows = prefill(jobs)
+        width = mask.shape[1]
+        for r in open_rows:
+            row = self.slots.index(None)
+            start = width - len(jobs[r].prompt_ids)
+            self.positions[row] = self.decoder.load_prefix(row, cache, index=r, start=start)
+            self.slots[row] = jobs[r]
 
     def step(self) -> None:
         self.slots = [None if j is not None and j.cancelled.is_set() else j for j in self.slots]

@@ -7,9 +7,10 @@ the same shapes every time: it writes each row's new key/value at that row's pos
 width with a mask ``column <= position``. Fixed shapes and in-place writes are what ``torch.compile`` with CUDA
 graphs (``mode="reduce-overhead"``) needs; a step is then one graph replay instead of hundreds of kernel launches.
 
-Prefill stays eager (variable length, batch 1, the model's own forward) and its cache is copied into the request's
-slot. Decode reuses the model's modules (norms, projections, rotary embedding, MLP), so the arithmetic is the
-model's own; only the cache bookkeeping and the attention call are ours. A row's stale keys from an earlier request
+Prefill stays eager (variable length, the model's own forward, the requests that arrived together in one
+left-padded pass) and each request's part of its cache is copied into the request's slot. Decode reuses the model's
+modules (norms, projections, rotary embedding, MLP), so the arithmetic is the model's own; only the cache bookkeeping
+and the attention call are ours. A row's stale keys from an earlier request
 sit beyond its position and are masked, which the slot-reuse test checks against one-at-a-time ``generate``.
 """
 
@@ -70,13 +71,14 @@ class StaticDecoder:
                  len(self.keys), 2 * sum(t.numel() * t.element_size() for t in self.keys) / 2**20,
                  "compiled" if compile_step else "eager")
 
-    def load_prefix(self, row: int, cache) -> int:
-        """Copy a batch-1 prefill cache (the model's own) into ``row``; returns its length."""
+    def load_prefix(self, row: int, cache, index: int = 0, start: int = 0) -> int:
+        """Copy row ``index`` of a prefill cache (the model's own), from column ``start`` on (after its left
+        padding), into slot ``row``; returns the prompt's length."""
         n = 0
         for i, layer in enumerate(cache.layers):
-            n = layer.keys.shape[2]
-            self.keys[i][row, :, :n] = layer.keys[0]
-            self.values[i][row, :, :n] = layer.values[0]
+            n = layer.keys.shape[2] - start
+            self.keys[i][row, :, :n] = layer.keys[index, :, start:]
+            self.values[i][row, :, :n] = layer.values[index, :, start:]
         return n
 
     def step(self, tokens: list[int], positions: list[int]) -> list[int]:

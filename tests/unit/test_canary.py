@@ -131,8 +131,8 @@ class FakeBatch:
     def __init__(self, handle, jobs):
         self.handle, self.jobs = handle, list(jobs)
 
-    def add(self, job):
-        self.jobs.append(job)
+    def add(self, jobs):  # one prefill pass of the jobs admitted together
+        self.jobs += jobs
 
 
 def test_worker_admits_in_arrival_order_across_two_models():

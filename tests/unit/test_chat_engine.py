@@ -161,14 +161,14 @@ def test_reload_warms_up_the_static_step_on_the_worker_or_falls_back(loaded):
 
 
 class PoisonedModel(torch.nn.Module):
-    """The real model, except that a prompt starting with the poisoned token id raises in its forward pass."""
+    """The real model, except that a prefill holding the poisoned token id raises in its forward pass."""
 
     def __init__(self, model, poison: int):
         super().__init__()
         self.inner, self.poison, self.config = model, poison, model.config
 
     def forward(self, input_ids=None, **kwargs):
-        if input_ids.shape[1] > 1 and int(input_ids[0, 1]) == self.poison:
+        if input_ids.shape[1] > 1 and bool((input_ids == self.poison).any()):  # a prefill holding the poison
             raise RuntimeError("prefill exploded")
         return self.inner(input_ids=input_ids, **kwargs)
 
@@ -199,3 +199,53 @@ def test_a_failing_prefill_fails_only_its_own_request_at_once(loaded, path):
             pass
         assert event[0] == "done", event
         assert job.tokens == generation.generate_token_ids_one_at_a_time(model, tokenizer, [prompt], 8)[0]
+
+
+class CountingModel(PoisonedModel):
+    """The real model, recording the shape of every prefill (a forward of more than one token per row)."""
+
+    def __init__(self, model):
+        super().__init__(model, poison=-1)
+        self.prefills = []
+
+    def forward(self, input_ids=None, **kwargs):
+        if input_ids.shape[1] > 1:
+            self.prefills.append(tuple(input_ids.shape))
+        return self.inner(input_ids=input_ids, **kwargs)
+
+
+@pytest.mark.parametrize("path", ["dynamic", "static"])
+@pytest.mark.parametrize("budget", [None, 200])
+def test_requests_arriving_together_are_prefilled_in_one_padded_pass(loaded, path, budget, monkeypatch):
+    """Eight requests queued while the worker is busy are prefilled together, left-padded (one pass; with a padded
+    token budget of 200, in passes of similar lengths under it), all get their first token at the same moment, and
+    every reply is still exactly the one-at-a-time greedy reply."""
+    import threading
+
+    from tasks.chat import engine
+    from tasks.chat.engine import Call
+
+    if budget:
+        monkeypatch.setattr(engine, "PREFILL_TOKENS", budget)
+    tokenizer, model, prompts = loaded
+    counting = CountingModel(model)
+    handle = ModelHandle(tokenizer, counting, "t", {})
+    if path == "static":
+        handle.decoder = static.StaticDecoder(model, rows=8, width=model.config.max_position_embeddings)
+    worker, gate = Generator(max_batch_size=8), threading.Event()
+    worker.inbox.put(Call(lambda: gate.wait(30)))  # the worker is busy until every request is queued
+    ids = generation.encode_prompts(tokenizer, prompts)
+    jobs = [worker.submit(Job(handle, x, n)) for x, n in zip(ids, MAX_NEW, strict=True)]
+    gate.set()
+    for job in jobs:
+        while (event := job.events.get(timeout=120))[0] == "token":
+            pass
+        assert event[0] == "done", event
+    assert [job.tokens for job in jobs] == reference(tokenizer, model, prompts)
+    lengths = sorted(len(x) for x in ids)
+    if budget is None:
+        assert counting.prefills == [(8, lengths[-1])]  # one pass, padded to the longest prompt
+        assert len({job.first_token_at for job in jobs}) == 1
+    else:
+        assert 1 < len(counting.prefills) < 8 and sum(rows for rows, _ in counting.prefills) == 8
+        assert all(rows * width <= budget or rows == 1 for rows, width in counting.prefills)
