@@ -72,7 +72,6 @@ def suite_eval(args) -> dict:
     ref_tokens = min(new, args.ref_tokens or (64 if gpu else new))
     base, model_desc = (args.model, args.model) if args.model else model_dir(device, Path(args.work), smoke)
     cfg = load_config(None, overrides={"model.base_model": base})
-    batch_size = args.batch_size or cfg.eval.batch_size
     dev, dtype = device_and_dtype(cfg.training)
     tokenizer, model = models.load_base(cfg, dev, dtype)
     model.config.use_cache = True
@@ -85,6 +84,9 @@ def suite_eval(args) -> dict:
     records, source = conversations(n_examples)
     prompts = generation.render_prompts(tokenizer, [r["messages"] for r in records])
     merged = generation.merge_for_inference(copy.deepcopy(model))  # merges in place: keep the unmerged one
+    batch_size = args.batch_size or cfg.eval.batch_size or generation.auto_batch_size(  # as the step resolves 0
+        merged, max(map(len, generation.encode_prompts(tokenizer, prompts))) + new,
+        generation.free_gpu_bytes(torch.device(dev)))
     warm = min(new, 8)  # untimed first calls: CUDA context, cuBLAS handles, allocator pools, kernel selection
     t0 = now(device)
     seed_recipe.seed_eval(model, tokenizer, prompts[:1], device, new_tokens=warm)

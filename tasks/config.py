@@ -164,7 +164,9 @@ class HpoConfig:
 @dataclass
 class EvalConfig:
     max_new_tokens: int = opt(160, "Tokens generated per answer (greedy).", minimum=1, maximum=4096)
-    batch_size: int = opt(32, "Prompts per generation batch (left-padded, sorted by length).", minimum=1)
+    batch_size: int = opt(0, "Prompts per generation batch (left-padded, sorted by length). 0 = auto: on a GPU up "
+                             "to 256 (a decode step of a 1B model costs about the same for 64 and 256 rows), fewer "
+                             "when their KV cache would take over half the free GPU memory; 32 on CPU.", minimum=0)
     max_examples: int = opt(0, "Score at most this many conversations of the test split and of the live set "
                                "(0 = all).", minimum=0)
     weights: dict = opt({"bleu1": 0.10, "bleu2": 0.15, "bleu3": 0.25, "bleu4": 0.40, "rougeL_precision": 0.10},

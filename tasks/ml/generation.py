@@ -108,17 +108,51 @@ def _generate(model, input_ids, attention_mask, max_new_tokens: int, pad_id: int
                           eos_token_id=eos_ids or None)
 
 
-def generate_token_ids(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
-                       device=None) -> list[list[int]]:
-    """Greedy answer token ids (EOS and padding removed), batched and left-padded, in the prompts' order."""
+CPU_BATCH, GPU_BATCH_CAP, KV_SHARE = 32, 256, 0.5  # eval.batch_size=0 (auto); see auto_batch_size
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes of KV cache one token takes in every layer of ``model`` (keys and values, the model's dtype)."""
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * next(model.parameters()).element_size()
+
+
+def auto_batch_size(model, tokens_per_row: int, free_bytes: int | None) -> int:
+    """eval.batch_size=0: CPU_BATCH without a GPU (``free_bytes`` None); on a GPU as many rows as GPU_BATCH_CAP, as
+    long as their KV cache (``tokens_per_row`` each: the longest prompt plus the new tokens) takes at most KV_SHARE of
+    the free memory -- the rest is for the activations of the prefill and the logits."""
+    if free_bytes is None:
+        return CPU_BATCH
+    rows = int(free_bytes * KV_SHARE) // max(1, kv_bytes_per_token(model) * tokens_per_row)
+    return max(1, min(GPU_BATCH_CAP, rows))
+
+
+def free_gpu_bytes(device) -> int | None:
     import torch
 
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
+def generate_token_ids(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+                       device=None) -> list[list[int]]:
+    """Greedy answer token ids (EOS and padding removed), batched and left-padded, in the prompts' order.
+    ``batch_size`` 0 = auto (``auto_batch_size``)."""
+    import torch
+
+    if batch_size < 0:
+        raise ValueError("batch_size must be >= 0 (0 = auto)")
     if not prompts:
         return []
     device = torch.device(device) if device is not None else _model_device(model)
     encoded = encode_prompts(tokenizer, prompts)
+    if batch_size == 0:
+        longest = max(map(len, encoded)) + max_new_tokens
+        batch_size = auto_batch_size(model, longest, free_gpu_bytes(device))
+        log.info("generation batch: %d prompts (eval.batch_size=0, auto; %d tokens per row at most)", batch_size,
+                 longest)
     pad_id = _pad_id(tokenizer)
     eos_ids = eos_token_ids(model, tokenizer)
     order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))

@@ -191,3 +191,18 @@ def test_merge_for_inference_plain_model_is_returned_in_eval_mode(tokenizer):
 
 def test_empty_prompt_list(model, tokenizer):
     assert generation.generate_batched(model, tokenizer, [], MAX_NEW, BATCH) == []
+
+
+def test_auto_batch_size_fits_the_kv_cache_in_half_the_free_gpu_memory(model, tokenizer, prompts, reference, caplog):
+    """eval.batch_size=0: 32 rows on CPU; on a GPU the rows whose KV cache fits half the free memory, at most 256.
+    The tiny model: 2 layers x 2 KV heads x 16 dims x keys+values x 4 bytes = 512 bytes per token."""
+    assert generation.kv_bytes_per_token(model) == 2 * 2 * 2 * 16 * 4
+    assert generation.auto_batch_size(model, 100, None) == generation.CPU_BATCH == 32
+    assert generation.auto_batch_size(model, 100, 2 * 512 * 100 * 7 + 1) == 7  # 7 rows of 100 tokens in half
+    assert generation.auto_batch_size(model, 100, 10**15) == 256  # capped
+    assert generation.auto_batch_size(model, 100, 1000) == 1  # never 0
+    with caplog.at_level("INFO", logger="tasks.ml.generation"):
+        auto = generation.generate_token_ids(model, tokenizer, prompts, MAX_NEW, 0)
+    assert auto == reference and "generation batch: 32 prompts (eval.batch_size=0, auto" in caplog.text
+    with pytest.raises(ValueError, match="batch_size must be >= 0"):
+        generation.generate_token_ids(model, tokenizer, prompts, MAX_NEW, -1)
