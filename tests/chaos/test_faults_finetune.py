@@ -64,8 +64,9 @@ def test_finetune_killed_three_times_resumes_and_matches_uninterrupted(mlflow_se
 
     run_id = f"ft-kill-{uid}"
     base = f"s3://ecb-platform/runs/{run_id}/finetune"
-    kill_points = [(f"checkpoint saved at step {EVERY} ", "after the first checkpoint"),
-                   (f"checkpoint saved at step {2 * EVERY} ", "mid-way"),
+    # checkpoints upload in the background: "uploaded" is logged once meta.json is written (the checkpoint counts)
+    kill_points = [(f"checkpoint of step {EVERY} uploaded", "after the first checkpoint"),
+                   (f"checkpoint of step {2 * EVERY} uploaded", "mid-way"),
                    (f"step {STEPS}/{STEPS} ", "just before finishing")]
     resumes, killed_at = [], []
     for i, (line, _) in enumerate(kill_points):
