@@ -279,7 +279,8 @@ def main(args=None, save=None, budget=None) -> dict:
             print(f"errors at {r['clients']} clients: {r['error_samples']}")
     d = result["decode_step"]
     print(f"decode step: {d.get('path', d)}; eager fallbacks {d.get('eager_fallbacks')}, "
-          f"CUDA graphs recorded {d.get('cuda_graphs_recorded', '-')}, as configured: {d.get('as_configured')}")
+          f"CUDA graphs recorded {d.get('cuda_graphs_recorded', '-')}, as configured: {d.get('as_configured')}; "
+          f"prefill: {d.get('prefill_requests')} requests in {d.get('prefill_passes')} passes")
     if args.device == "cuda" and not (d.get("graph_captured") and d.get("eager_fallbacks") == 0):
         print("!! the decode step did not run compiled with CUDA graphs: these are not the GPU path's figures")
     return result

@@ -44,7 +44,10 @@ def decoder_report(state) -> dict:
               # a compiled call that failed, plus a warm-up failure (the version then decodes with the dynamic cache)
               "eager_fallbacks": (getattr(dec, "fallbacks", 0) if dec is not None else 0)
               + int(static_wanted and dec is None),
-              "decode_steps": getattr(state.generator, "steps", None), **_compiler_counters()}
+              "decode_steps": getattr(state.generator, "steps", None),
+              # requests that arrived together share one prefill pass: requests / passes says how much they did
+              "prefill_passes": getattr(state.generator, "prefill_passes", None),
+              "prefill_requests": getattr(state.generator, "prefilled", None), **_compiler_counters()}
     if device.type == "cuda" and report["compiled"]:
         try:
             report["cuda_graphs_recorded"] = state.generator.call(lambda: _cuda_graphs(device.index or 0), timeout=30)

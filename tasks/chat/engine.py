@@ -122,6 +122,8 @@ class Call:
 class Generator:
     """The single generation worker of a process; ``submit`` is thread-safe."""
 
+    prefill_passes = prefilled = 0  # forward passes of prefill and the requests they carried (bench/chat.py reports)
+
     def __init__(self, max_batch_size: int = 16, max_queue: int = 256):
         self.max_batch_size = max_batch_size
         self.inbox: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
@@ -202,14 +204,17 @@ class Generator:
         finally:
             waiting.extend(self.pending)
             self.pending = waiting
-            prefill_group(batch, group)
+            passes = prefill_group(batch, group)
+            self.prefill_passes += passes
+            self.prefilled += len(group)
         return batch
 
 
-def prefill_group(batch, jobs: list[Job]) -> None:
+def prefill_group(batch, jobs: list[Job]) -> int:
     """Prefill ``jobs`` into ``batch`` in passes of up to PREFILL_TOKENS padded tokens (prompts of similar length
     together); a pass that raises is redone one request at a time, and a request whose own prefill raises gets an
-    error event. Every job ends up in the batch or answered."""
+    error event. Every job ends up in the batch or answered. Returns the number of forward passes tried."""
+    passes = 0
     jobs = sorted(jobs, key=lambda j: len(j.prompt_ids))
     chunks, chunk = [], []
     for job in jobs:
@@ -219,6 +224,7 @@ def prefill_group(batch, jobs: list[Job]) -> None:
         chunk.append(job)
     chunks += [chunk] if chunk else []
     for chunk in chunks:
+        passes += 1
         try:
             batch.add(chunk)
             continue
@@ -233,10 +239,12 @@ def prefill_group(batch, jobs: list[Job]) -> None:
             if job.first_token_at is not None:  # the pass failed after its first tokens were sent: end it cleanly
                 _fail_prefill(job, error)
                 continue
+            passes += 1
             try:
                 batch.add([job])
             except Exception as one:  # noqa: BLE001 -- this request's prefill failed: fail it alone
                 _fail_prefill(job, one)
+    return passes
 
 
 def _fail_prefill(job: Job, exc: Exception) -> None:

@@ -246,6 +246,8 @@ def test_requests_arriving_together_are_prefilled_in_one_padded_pass(loaded, pat
     if budget is None:
         assert counting.prefills == [(8, lengths[-1])]  # one pass, padded to the longest prompt
         assert len({job.first_token_at for job in jobs}) == 1
+        assert (worker.prefill_passes, worker.prefilled) == (1, 8)  # what bench/chat.py reports
     else:
         assert 1 < len(counting.prefills) < 8 and sum(rows for rows, _ in counting.prefills) == 8
+        assert (worker.prefill_passes, worker.prefilled) == (len(counting.prefills), 8)
         assert all(rows * width <= budget or rows == 1 for rows, width in counting.prefills)
