@@ -117,21 +117,27 @@ def mlflow_server(services):
         stack.MLFLOW.stop()
 
 
-@pytest.fixture(scope="session")
-def tiny_base_model(tmp_path_factory) -> Path:
-    """A tiny Llama-architecture chat model built like the demo base (same code path as TinyLlama), local dir."""
+def save_tiny_model(out: Path, n_rows: int, seed: int, pretrain_steps: int = 0, **sizes) -> Path:
+    """A tiny Llama-architecture chat model built like the demo base (same code path as TinyLlama): tokenizer from
+    ``n_rows`` generated conversations, demo size "tiny" with ``sizes`` overridden, saved to ``out``."""
     from tasks.demo import datagen
     from tasks.demo import model as demo_model
 
-    rows = datagen.generate_rows(400, seed=5)
+    rows = datagen.generate_rows(n_rows, seed=seed)
     texts = [r["instruction"] for r in rows] + [r["response"] for r in rows]
     tokenizer = demo_model.build_tokenizer(texts, vocab_size=512)
-    model = demo_model.build_model(tokenizer, size="tiny")
-    demo_model.pretrain(model, tokenizer, texts, steps=120)
-    out = tmp_path_factory.mktemp("tiny-base")
+    model = demo_model.build_model(tokenizer, size="tiny", **sizes)
+    if pretrain_steps:
+        demo_model.pretrain(model, tokenizer, texts, steps=pretrain_steps)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_base_model(tmp_path_factory) -> Path:
+    """The tiny demo-style base, pretrained a little so its replies depend on the prompt; local dir."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-base"), 400, seed=5, pretrain_steps=120)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from tasks.demo import datagen
+from tests.conftest import save_tiny_model
 
 optuna = pytest.importorskip("optuna")
 
@@ -57,15 +58,7 @@ def test_no_pruning_before_two_trials_are_complete():
 
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory):
-    from tasks.demo import model as demo_model
-
-    rows = datagen.generate_rows(200, seed=4)
-    tokenizer = demo_model.build_tokenizer([r["instruction"] for r in rows] + [r["response"] for r in rows],
-                                           vocab_size=512)
-    out = tmp_path_factory.mktemp("hpo-base")
-    demo_model.build_model(tokenizer, size="tiny").save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return save_tiny_model(tmp_path_factory.mktemp("hpo-base"), 200, seed=4)
 
 
 def _records(n: int, seed: int) -> list[dict]:

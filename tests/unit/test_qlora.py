@@ -7,6 +7,7 @@ import pytest
 from tasks.config import Config
 from tasks.demo import datagen
 from tasks.ml.training import encode
+from tests.conftest import save_tiny_model
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
@@ -14,16 +15,8 @@ pytest.importorskip("bitsandbytes")
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    from tasks.demo import model as demo_model
-
-    rows = datagen.generate_rows(80, seed=3)
-    tokenizer = demo_model.build_tokenizer([r["instruction"] for r in rows] + [r["response"] for r in rows],
-                                           vocab_size=512)
-    out = tmp_path_factory.mktemp("tiny-qlora")
     # bitsandbytes' CPU kernel packs output features in blocks of 32: the tiny MLP width (176) is not a multiple
-    demo_model.build_model(tokenizer, size="tiny", intermediate_size=192).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-qlora"), 80, seed=3, intermediate_size=192)
 
 
 @pytest.fixture(scope="module")
