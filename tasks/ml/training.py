@@ -189,6 +189,8 @@ def collate(examples: list[Example], idx: list[int], pad_id: int, device):
         ids[row, :n] = torch.tensor(examples[i].input_ids)
         labels[row, :n] = torch.tensor(examples[i].labels)
         mask[row, :n] = 1
+    if str(device).startswith("cuda"):  # a copy from pageable memory would wait for the GPU's queued work
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in (ids, mask, labels))
     return ids.to(device), mask.to(device), labels.to(device)
 
 
