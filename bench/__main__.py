@@ -84,9 +84,9 @@ def suite_eval(args) -> dict:
     records, source = conversations(n_examples)
     prompts = generation.render_prompts(tokenizer, [r["messages"] for r in records])
     merged = generation.merge_for_inference(copy.deepcopy(model))  # merges in place: keep the unmerged one
-    batch_size = args.batch_size or cfg.eval.batch_size or generation.auto_batch_size(  # as the step resolves 0
-        merged, max(map(len, generation.encode_prompts(tokenizer, prompts))) + new,
-        generation.free_gpu_bytes(torch.device(dev)))
+    batch_size = generation.resolve_batch_size(  # as the step resolves eval.batch_size=0
+        merged, generation.encode_prompts(tokenizer, prompts), new, args.batch_size or cfg.eval.batch_size,
+        torch.device(dev))
     warm = min(new, 8)  # untimed first calls: CUDA context, cuBLAS handles, allocator pools, kernel selection
     t0 = now(device)
     seed_recipe.seed_eval(model, tokenizer, prompts[:1], device, new_tokens=warm)

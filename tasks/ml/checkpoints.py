@@ -61,8 +61,8 @@ def upload_checkpoint(uri: str, data: bytes, step: int, config_hash: str) -> Non
 class CheckpointWriter:
     """Checkpoints uploaded off the training thread. ``save`` serializes the state at once and hands the upload
     (state.pt, then meta.json) to one background thread, so training goes on while S3 takes the bytes. At most one
-    upload is in flight: a save waits for the previous upload first (memory holds at most two serialized
-    checkpoints, and checkpoints land in step order). An upload error is raised by the next ``save`` or by
+    upload is in flight: a save waits for the previous upload before it serializes (so memory holds one serialized
+    checkpoint, and checkpoints land in step order). An upload error is raised by the next ``save`` or by
     ``close``, so the step fails (and its retry resumes from the last complete checkpoint) instead of finishing
     with a checkpoint that is not there. ``on_saved(step)`` runs on the upload thread once a checkpoint counts."""
 

@@ -136,6 +136,16 @@ def free_gpu_bytes(device) -> int | None:
     return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
 
 
+def resolve_batch_size(model, encoded: list[list[int]], max_new_tokens: int, batch_size: int, device) -> int:
+    """``batch_size``, or for 0 (auto) the ``auto_batch_size`` of these prompts on ``device`` (logged)."""
+    if batch_size:
+        return batch_size
+    longest = max(map(len, encoded)) + max_new_tokens
+    batch_size = auto_batch_size(model, longest, free_gpu_bytes(device))
+    log.info("generation batch: %d prompts (eval.batch_size=0, auto; %d tokens per row at most)", batch_size, longest)
+    return batch_size
+
+
 def generate_token_ids(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
                        device=None) -> list[list[int]]:
     """Greedy answer token ids (EOS and padding removed), batched and left-padded, in the prompts' order.
@@ -148,11 +158,7 @@ def generate_token_ids(model, tokenizer, prompts: list[str], max_new_tokens: int
         return []
     device = torch.device(device) if device is not None else _model_device(model)
     encoded = encode_prompts(tokenizer, prompts)
-    if batch_size == 0:
-        longest = max(map(len, encoded)) + max_new_tokens
-        batch_size = auto_batch_size(model, longest, free_gpu_bytes(device))
-        log.info("generation batch: %d prompts (eval.batch_size=0, auto; %d tokens per row at most)", batch_size,
-                 longest)
+    batch_size = resolve_batch_size(model, encoded, max_new_tokens, batch_size, device)
     pad_id = _pad_id(tokenizer)
     eos_ids = eos_token_ids(model, tokenizer)
     order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
