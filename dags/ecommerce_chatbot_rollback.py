@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import Param, dag
 
 from ecb_airflow.steps import step
-from tasks.config import load_config
+from tasks.config import MODEL_NAME_PATTERN, load_config
 
 CFG = load_config()
 
@@ -42,7 +42,7 @@ default_args = {
         "reason": Param("", type="string", minLength=1, title="Reason",
                         description="Why the rollback (stored in the releases table with who triggered it)."),
         "release.registered_model": Param(CFG.release.registered_model, type="string",
-                                          title="release.registered_model",
+                                          title="release.registered_model", pattern=f"^{MODEL_NAME_PATTERN}$",
                                           description="MLflow registered model name."),
     },
     tags=["chatbot", "release", "ml-platform"],

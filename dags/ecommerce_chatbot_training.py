@@ -12,10 +12,12 @@ Runs nightly (`pipeline.schedule`) and whenever new raw data lands in `data.sour
    (LoRA / QLoRA, resumable from S3 checkpoints).
 5. `evaluate` scores the candidate and the registry's champion on the same test split; the `quality_gate` step
    (read its log for why a model was or was not released) decides, and `release_or_skip` follows its decision to
-   `register_model` -> `push_to_hub` -> `deploy_chat_service` (starts or hot-reloads the chat service, smoke-tests
-   it), or to `skip_release`. When `gate.require_approval` is set, or the gate releases on a delta whose bootstrap
-   CI includes 0, `approve_release` waits for a person (Required actions; no answer in `gate.approval_timeout_s` =
-   Reject) and `record_approval` writes the answer and who gave it to `gate_decisions` first.
+   `register_model` -> `deploy_chat_service` (starts or hot-reloads the chat service, smoke-tests it) ->
+   `wait_for_canary` -> `canary_verdict` -> `push_to_hub` (only a final release is published), or to
+   `skip_release`. When `gate.require_approval` is set, or the gate releases on a delta whose bootstrap CI includes
+   0 or has no CI against a champion at all, `approve_release` waits for a person (Required actions; no answer in
+   `gate.approval_timeout_s` = Reject) and `record_approval` writes the answer and who gave it to `gate_decisions`
+   first.
 6. With `release.canary_share` > 0 the new version is deployed as a canary (registry alias `candidate`) beside the
    champion; `wait_for_canary` polls until it has `release.canary_min_messages` replies (or
    `release.canary_timeout_s`), rescheduling in between, and `canary_verdict` promotes it or rolls it back (its log
@@ -118,8 +120,7 @@ def ecommerce_chatbot_training():
                                               "decision_id": gate.output["decision_id"]},
                     outlets=[ASSETS.model], outlet_fields=assets.MODEL_FIELDS)
     version = {"registry_version": register.output["version"]}
-    push = step("push_to_hub", inputs={"adapter_uri": tune.output["adapter_uri"], **version})
-    # Runs after a push that was skipped for lack of a token too (that push succeeds), never after skip_release.
+    # Never after skip_release.
     deploy = step("deploy_chat_service", inputs={**version, "snapshot_id": prep.output["snapshot_id"]})
     # A canary (release.canary_share > 0) is judged on live chats: poll its reply count, giving the worker slot back
     # between polls, then promote or roll back. Without a canary both finish at once.
@@ -127,10 +128,13 @@ def ecommerce_chatbot_training():
                      poke_interval_s=CFG.release.canary_poll_s, timeout_s=CFG.release.canary_timeout_s + 3600,
                      retries=CFG.pipeline.poll_retries)
     verdict = step("canary_verdict", inputs=version)
+    # Last: only a final release (served as the champion) reaches the Hub's main and its version tag; a canary the
+    # verdict rolled back is skipped inside the step (it succeeds), as is a push without a token.
+    push = step("push_to_hub", inputs={"adapter_uri": tune.output["adapter_uri"], **version})
 
     sync >> prep >> changed >> plan >> trials >> best >> tune >> evaluate >> gate
     release_or_skip(gate.output, record.output) >> [register, skip_release(gate.output, record.output)]
-    register >> push >> deploy >> wait >> verdict
+    register >> deploy >> wait >> verdict >> push
 
 
 ecommerce_chatbot_training()

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,12 +32,20 @@ TRAINING_SECTIONS = ("data", "model", "lora", "training", "hpo")
 
 
 def opt(default: Any, help: str, *, minimum: float | None = None, maximum: float | None = None,
-        choices: tuple | None = None, param: bool = False) -> Any:
-    """A config field with its help text and bounds. ``param=True`` puts it on the Airflow trigger form."""
-    meta = {"help": help, "minimum": minimum, "maximum": maximum, "choices": choices, "param": param}
+        choices: tuple | None = None, param: bool = False, keys: tuple | None = None,
+        pattern: str | None = None) -> Any:
+    """A config field with its help text and bounds. ``param=True`` puts it on the Airflow trigger form. ``keys``: the
+    keys a dict-valued field may have; ``pattern``: a regular expression a text field must match whole."""
+    meta = {"help": help, "minimum": minimum, "maximum": maximum, "choices": choices, "param": param, "keys": keys,
+            "pattern": pattern}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+# The metrics a weighted score may use: tasks.ml.metrics computes and bootstraps exactly these (a unit test checks).
+WEIGHT_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "rougeL_precision", "rougeL_recall", "rougeL_f1")
+MODEL_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}"
 
 
 @dataclass
@@ -170,7 +179,9 @@ class EvalConfig:
     max_examples: int = opt(0, "Score at most this many conversations of the test split and of the live set "
                                "(0 = all).", minimum=0)
     weights: dict = opt({"bleu1": 0.10, "bleu2": 0.15, "bleu3": 0.25, "bleu4": 0.40, "rougeL_precision": 0.10},
-                        "Weights of the weighted score (the seed project's: BLEU-1..4 and ROUGE-L precision).")
+                        "Weights of the weighted score (the seed project's: BLEU-1..4 and ROUGE-L precision); any of "
+                        "bleu1..4 and rougeL_precision / rougeL_recall / rougeL_f1, each of which the gate's paired "
+                        "bootstrap can resample.", keys=WEIGHT_METRICS)
 
 
 @dataclass
@@ -189,6 +200,10 @@ class GateConfig:
     require_approval: bool = opt(False, "A person approves every release in Airflow (the approve_release task) "
                                         "before it is registered. Without it a person is asked only when the gate "
                                         "releases on a delta whose bootstrap 95% CI includes 0.", param=True)
+    missing_ci: str = opt("ask", "What a release does when the gate compared the candidate with a champion but has no "
+                                 "bootstrap confidence interval of the delta (outputs not stored, references differ, "
+                                 "the bootstrap failed): ask = a person approves it first; block = the champion "
+                                 "stays.", choices=("ask", "block"))
     approval_timeout_s: int = opt(24 * 3600, "How long the approval waits for an answer; none in time = not released "
                                              "(read when the DAG file is parsed).", minimum=1)
     live_policy: str = opt("report", "What the live set (prompts whose reply got a thumbs-down) does in the gate: "
@@ -202,31 +217,49 @@ class GateConfig:
 
 @dataclass
 class ReleaseConfig:
-    registered_model: str = opt("ecommerce-chatbot", "MLflow registered model name.")
+    registered_model: str = opt("ecommerce-chatbot", "MLflow registered model name (letters, digits, '.', '_', "
+                                                     "'-'; it is put into registry search filters).",
+                                pattern=MODEL_NAME_PATTERN)
     hub_repo_id: str = opt("ecb/ecommerce-support-chatbot", "Hugging Face Hub repository for releases.")
     hub_private: bool = opt(True, "Create the Hub repository as private.")
     canary_share: float = opt(0.0, "Share of new conversations the chat service gives a new release (registry alias "
                                    "candidate) beside the champion until the canary verdict promotes or rolls it back; "
-                                   "0 = no canary: a release replaces the champion at once.",
-                              minimum=0.0, maximum=1.0, param=True)
-    canary_min_messages: int = opt(200, "Candidate replies the canary verdict waits for (or canary_timeout_s).",
+                                   "0 = no canary: a release replaces the champion at once. At most 0.9: the "
+                                   "champion keeps serving a share, the baseline the canary is compared with.",
+                              minimum=0.0, maximum=0.9, param=True)
+    canary_min_messages: int = opt(2000, "Candidate replies the canary verdict waits for (or canary_timeout_s), "
+                                         "counting at most canary_max_replies_per_conversation of each conversation. "
+                                         "The default, with canary_min_rated, catches a doubled thumbs-down rate "
+                                         "(20% -> 40%) with one reply in ten rated (RELIABILITY.md).",
                                    minimum=1, param=True)
+    canary_min_rated: int = opt(200, "Rated replies (thumbs up or down) each arm needs before the verdict can "
+                                     "promote: the canary waits for them too, and one still short of them at "
+                                     "canary_timeout_s is rolled back, never promoted unrated.", minimum=1, param=True)
+    canary_max_replies_per_conversation: int = opt(5, "Replies of one conversation the canary verdict counts (its "
+                                                      "first ones, and only their ratings): one client needs at "
+                                                      "least canary_min_messages / this many conversations, which "
+                                                      "are rate-limited per address (chat.create_limit_per_minute), "
+                                                      "to fill the sample.", minimum=1)
     canary_timeout_s: int = opt(6 * 3600, "Longest canary: the verdict is given then with the replies there are; "
-                                          "fewer than canary_min_messages candidate replies -> rollback.", minimum=10)
+                                          "fewer than canary_min_messages candidate replies or canary_min_rated rated "
+                                          "replies on an arm -> rollback.", minimum=10)
     canary_poll_s: int = opt(60, "Seconds between two looks at the canary's reply count; the waiting task is "
                                  "rescheduled in between and holds no worker slot (read when the DAG file is parsed).",
                              minimum=1)
-    canary_confidence: float = opt(0.95, "Confidence of the intervals of the canary's rate differences "
-                                         "(candidate - champion).", minimum=0.5, maximum=0.999)
-    canary_max_error_increase: float = opt(0.0, "Roll back when the lower bound of the interval of the error/timeout "
-                                                "rate difference (candidate - champion) is above this.",
+    canary_confidence: float = opt(0.95, "1 - the chance that the canary verdict rolls back a candidate no worse "
+                                         "than the champion beyond the margins below: the three rate differences "
+                                         "(candidate - champion) are one-sided tests with conversations as the unit, "
+                                         "Holm-corrected together; also the level of the intervals the verdict "
+                                         "shows.", minimum=0.5, maximum=0.999)
+    canary_max_error_increase: float = opt(0.0, "Roll back when the error/timeout rate difference (candidate - "
+                                                "champion) is above this with canary_confidence.",
                                            minimum=0.0, maximum=1.0)
-    canary_max_thumbs_down_increase: float = opt(0.0, "Roll back when the lower bound of the interval of the "
-                                                      "thumbs-down rate difference (among rated replies) is above "
-                                                      "this.", minimum=0.0, maximum=1.0)
-    canary_max_bad_reply_increase: float = opt(0.0, "Roll back when the lower bound of the interval of the difference "
-                                                    "in empty or over-length (cut at max_new_tokens) replies is above "
-                                                    "this.", minimum=0.0, maximum=1.0)
+    canary_max_thumbs_down_increase: float = opt(0.0, "Roll back when the thumbs-down rate difference (among rated "
+                                                      "replies) is above this with canary_confidence.",
+                                                 minimum=0.0, maximum=1.0)
+    canary_max_bad_reply_increase: float = opt(0.0, "Roll back when the difference in empty or over-length (cut at "
+                                                    "max_new_tokens) replies is above this with canary_confidence.",
+                                               minimum=0.0, maximum=1.0)
     canary_max_latency_ratio: float = opt(1.5, "Roll back when the candidate's p95 reply latency is above the "
                                                "champion's times this.", minimum=1.0)
 
@@ -271,6 +304,9 @@ class ChatConfig:
                                  "oldest turns are dropped to fit.", minimum=0)
     rate_limit_per_minute: int = opt(30, "Messages per client token per minute (over -> HTTP 429).", minimum=1)
     create_limit_per_minute: int = opt(60, "New conversations per client address per minute.", minimum=1)
+    feedback_limit_per_minute: int = opt(30, "Ratings (thumbs up or down) per client address per minute (over -> "
+                                             "HTTP 429): one client cannot flood the thumbs-down rate a canary is "
+                                             "judged on.", minimum=1)
     max_batch_size: int = opt(16, "Requests decoded together by the generation worker.", minimum=1, maximum=1024)
     static_cache: str = opt("auto", "Decode with a preallocated per-request KV cache of fixed shape "
                                     "(Llama-architecture models): auto = on a GPU, on, off (the dynamic cache).",
@@ -386,6 +422,10 @@ def _coerce(name: str, value: Any, typ: Any, meta: dict) -> Any:
         raise ConfigError(f"config field '{name}': {value!r} is above the maximum {meta['maximum']}")
     if meta.get("choices") and value not in meta["choices"]:
         raise ConfigError(f"config field '{name}': {value!r} is not one of {list(meta['choices'])}")
+    if meta.get("keys") and (unknown := sorted(set(value) - set(meta["keys"]), key=str)):
+        raise ConfigError(f"config field '{name}': key {unknown[0]!r} is not one of {list(meta['keys'])}")
+    if meta.get("pattern") and not re.fullmatch(meta["pattern"], value):
+        raise ConfigError(f"config field '{name}': {value!r} does not match {meta['pattern']}")
     return value
 
 

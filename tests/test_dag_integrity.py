@@ -109,16 +109,20 @@ def test_pipeline_shape(dagbag):
     assert dag.get_task("skip_release").trigger_rule == "none_failed_min_one_success"
     assert dag.get_task("register_model").trigger_rule == "all_success"
     assert dag.get_task("record_approval").trigger_rule == "all_success"
-    # The deploy step runs after the push (skipped pushes succeed), never after skip_release; then the canary is
-    # waited for and judged: the verdict is the last task.
+    # The deploy step runs after register_model, never after skip_release; then the canary is waited for and judged,
+    # and only then is the release published: nothing reaches the Hub before its verdict.
     deploy = dag.get_task("deploy_chat_service")
-    assert deploy.upstream_task_ids == {"push_to_hub", "register_model", "prepare_chatml"}
+    assert deploy.upstream_task_ids == {"register_model", "prepare_chatml"}
     assert deploy.downstream_task_ids == {"wait_for_canary"}
     assert dag.get_task("skip_release").downstream_task_ids == set()
     assert dag.get_task("wait_for_canary").upstream_task_ids == {"deploy_chat_service", "register_model"}
     verdict = dag.get_task("canary_verdict")
-    assert verdict.upstream_task_ids == {"wait_for_canary", "register_model"} and verdict.downstream_task_ids == set()
-    assert "skip_release" not in {t.task_id for t in verdict.get_flat_relatives(upstream=True)}
+    assert verdict.upstream_task_ids == {"wait_for_canary", "register_model"}
+    assert verdict.downstream_task_ids == {"push_to_hub"}
+    push = dag.get_task("push_to_hub")
+    assert push.upstream_task_ids == {"canary_verdict", "finetune", "register_model"}
+    assert push.downstream_task_ids == set() and push.trigger_rule == "all_success"
+    assert "skip_release" not in {t.task_id for t in push.get_flat_relatives(upstream=True)}
 
 
 def test_data_passes_one_way(dagbag):
@@ -385,12 +389,17 @@ GATE = {"release": True, "forced": False, "decision_id": 12, "summary": "Release
     ({**GATE, "ci_low": -0.002}, False, True, "[-0.0020, +0.0380], includes 0: the improvement may be noise"),
     ({**GATE, "ci_low": 0.0}, False, True, "includes 0"),
     ({**GATE, "ci_low": -0.002}, True, True, "gate.require_approval is set; the bootstrap 95% CI"),
-    ({**GATE, "ci_low": None, "ci_high": None}, False, False, "the CI is none (no champion to compare with)"),
+    ({**GATE, "delta": None, "ci_low": None, "ci_high": None}, False, False,
+     "require_approval is off and there is no champion to compare with"),
+    ({**GATE, "ci_low": None, "ci_high": None, "ci_problem": "the bootstrap failed: boom"}, False, True,
+     "compared with the champion (delta +0.0210) but has no confidence interval (the bootstrap failed: boom)"),
+    ({**GATE, "ci_low": None, "ci_high": None}, False, True, "no confidence interval (none was computed)"),
+    ({**GATE, "forced": True, "ci_low": None, "ci_high": None}, False, False, "forced (force_deploy) without a CI"),
     ({**GATE, "release": False, "ci_low": -0.01}, True, False, "keeps the champion"),
     ({**GATE, "forced": True, "ci_low": -0.01}, False, False, "No approval asked"),
     ({**GATE, "forced": True, "ci_low": -0.01}, True, True, "gate.require_approval is set."),
-], ids=["significant", "required", "ci-straddles-0", "ci-touches-0", "both", "first-model", "blocked",
-        "forced-straddling", "forced-required"])
+], ids=["significant", "required", "ci-straddles-0", "ci-touches-0", "both", "first-model", "champion-no-ci",
+        "champion-no-ci-old-manifest", "forced-no-ci", "blocked", "forced-straddling", "forced-required"])
 def test_approval_needed(decision, require, asked, words):
     from ecb_airflow.decisions import approval_needed
 

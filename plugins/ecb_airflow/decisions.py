@@ -47,13 +47,19 @@ def _ci_includes_zero(decision: dict) -> bool:
     return low is not None and high is not None and low <= 0.0 <= high
 
 
+def _ci_missing(decision: dict) -> bool:
+    """Compared with a champion (a delta exists) but without an interval: the improvement is unchecked."""
+    return decision.get("delta") is not None and (decision.get("ci_low") is None or decision.get("ci_high") is None)
+
+
 def approval_needed(decision: dict, require_approval: bool) -> tuple[bool, str]:
     """Whether a person must approve the release the ``quality_gate`` step decided (its manifest ``decision``).
 
     Only a release is ever put to a person (nobody can approve past a gate that blocked). It is when
-    ``gate.require_approval`` is set, or when the bootstrap 95% CI of the score delta includes zero: the gate
-    released on an improvement that may be noise. A forced release (``force_deploy``) skips the second rule, since
-    the person who forced it has decided already; ``require_approval`` still applies to it."""
+    ``gate.require_approval`` is set, when the bootstrap 95% CI of the score delta includes zero (the gate released
+    on an improvement that may be noise), or when the gate compared with a champion but has no CI at all (fail
+    closed: an unchecked improvement is not taken as a significant one). A forced release (``force_deploy``) skips
+    the CI rules, since the person who forced it has decided already; ``require_approval`` still applies to it."""
     did = decision["decision_id"]
     if not decision["release"]:
         return False, f"No approval asked: gate decision {did} keeps the champion ({decision['summary']})."
@@ -63,10 +69,17 @@ def approval_needed(decision: dict, require_approval: bool) -> tuple[bool, str]:
     if _ci_includes_zero(decision) and not decision.get("forced"):
         why.append(f"the bootstrap 95% CI of the score delta, [{decision['ci_low']:+.4f}, "
                    f"{decision['ci_high']:+.4f}], includes 0: the improvement may be noise")
+    if _ci_missing(decision) and not decision.get("forced"):
+        why.append(f"the gate compared with the champion (delta {decision['delta']:+.4f}) but has no confidence "
+                   f"interval ({decision.get('ci_problem') or 'none was computed'}): the improvement is unchecked")
     if not why:
-        ci = (f"[{decision['ci_low']:+.4f}, {decision['ci_high']:+.4f}]" if decision.get("ci_low") is not None
-              else "none (no champion to compare with)")
-        return False, f"No approval asked: gate decision {did} releases, require_approval is off and the CI is {ci}."
+        if decision.get("ci_low") is not None:
+            ci = f"the CI is [{decision['ci_low']:+.4f}, {decision['ci_high']:+.4f}]"
+        elif decision.get("delta") is None:
+            ci = "there is no champion to compare with"
+        else:
+            ci = "the release was forced (force_deploy) without a CI"
+        return False, f"No approval asked: gate decision {did} releases, require_approval is off and {ci}."
     return True, f"Approval asked for gate decision {did}: " + "; ".join(why) + "."
 
 

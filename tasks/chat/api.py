@@ -128,13 +128,19 @@ def _model_json(h, arm: str) -> dict:
 def create_conversation():
     _limiter().check(f"addr:{request.remote_addr}", _cfg().chat.create_limit_per_minute)
     ids = store.new_ids()
-    return conversation_on(_state().choose(ids[0]), ids)
+    # The answer does not name the model the conversation landed on: a client that knows its canary arm can steer
+    # the verdict (keep only the conversations on one arm, rate only those).
+    return conversation_on(_state().choose(ids[0]), ids, reveal=False)
 
 
-def conversation_on(h, ids: tuple[str, str] | None = None):
-    """Create a conversation that stays on model ``h`` (its version is stored with it)."""
+def conversation_on(h, ids: tuple[str, str] | None = None, reveal: bool = True):
+    """Create a conversation that stays on model ``h`` (its version is stored with it); ``reveal``: the answer names
+    that version (the admin API's pinned conversations, which choose it anyway)."""
     cid, token = store.create_conversation(h.version if h else None, ids)
-    return jsonify(conversation_id=cid, client_token=token, model_version=h.version if h else None), 201
+    body = {"conversation_id": cid, "client_token": token}
+    if reveal:
+        body["model_version"] = h.version if h else None
+    return jsonify(body), 201
 
 
 @bp.get("/api/conversations/<conversation_id>")
@@ -169,7 +175,8 @@ def send_message(conversation_id: str):
     if h is None:
         raise ApiError(503, "the model is still loading", {"Retry-After": "5"})
     cfg = _cfg().chat
-    history = [*store.history(conversation_id), {"role": "user", "content": content}]
+    history = [*store.history(conversation_id, limit=cfg.context_tokens or h.context_tokens),
+               {"role": "user", "content": content}]
     budget = (cfg.context_tokens or h.context_tokens) - cfg.max_new_tokens
     try:
         prompt_ids, dropped = build_prompt(h.tokenizer, _cfg().data.system_prompt, history, budget)
@@ -262,6 +269,9 @@ def _utf8(text: str) -> bool:
 
 @bp.post("/api/messages/<int:message_id>/feedback")
 def feedback(message_id: int):
+    # Per address, not per token: every conversation has its own token, so one client rating from many
+    # conversations would otherwise have no limit on the thumbs a canary is judged on.
+    _limiter().check(f"feedback:{request.remote_addr}", _cfg().chat.feedback_limit_per_minute)
     body = _body()
     if message_id > 2**63 - 1:
         raise ApiError(404, "message not found")
@@ -272,4 +282,4 @@ def feedback(message_id: int):
     if msg is None:
         raise ApiError(404, "message not found")
     store.rate(message_id, rating, msg["model_version"])
-    return jsonify(message_id=message_id, rating=rating, model_version=msg["model_version"])
+    return jsonify(message_id=message_id, rating=rating)  # no model version: it would name the canary arm

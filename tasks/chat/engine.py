@@ -11,7 +11,12 @@ the cache) without waiting for the rest. Decoding is greedy, the same as the eva
 
 When the handle carries a ``static_cache.StaticDecoder`` (on a GPU by default), ``StaticBatch`` replaces ``Batch``:
 every row owns a slot of a preallocated KV cache and the decode step has fixed shapes, so it can run as one compiled
-CUDA graph; admission, leaving and greedy decoding behave the same.
+CUDA graph; admission, leaving and greedy decoding behave the same. Such a batch holds as many requests as the
+handle's cache has rows (a reload sizes them from the re-read config), and only requests whose prompt + reply fit the
+cache's width; a longer one (a handle kept across a reload that raised ``context_tokens``) decodes on the dynamic cache.
+
+At most ``max_queue`` requests wait for a row (in the inbox or admitted to nothing yet); past that ``submit`` raises
+``QueueFull`` (HTTP 503), so overload is refused at once instead of waiting into time-outs.
 
 A request carries the model handle it was admitted with, and the worker only batches requests of one handle: after a
 hot reload swaps the handle, requests already decoding finish on the old model and new ones wait for that batch to
@@ -123,20 +128,27 @@ class Generator:
     """The single generation worker of a process; ``submit`` is thread-safe."""
 
     prefill_passes = prefilled = 0  # forward passes of prefill and the requests they carried (bench/chat.py reports)
+    # Requests accepted by ``submit`` and those the worker took off the queue (admitted to a row, or cancelled): the
+    # worker moves the inbox into ``pending`` at every step, so only a count over both makes ``max_queue`` refuse.
+    submitted = taken = 0
 
     def __init__(self, max_batch_size: int = 16, max_queue: int = 256):
-        self.max_batch_size = max_batch_size
-        self.inbox: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
-        self.pending: deque[Job] = deque()
+        self.max_batch_size = max_batch_size  # rows of a dynamic-cache batch; a static one has its decoder's rows
+        self.max_queue = max_queue
+        self.inbox: queue.Queue[Job | Call] = queue.Queue()  # unbounded: ``submit`` bounds the requests in it
+        self.pending: deque[Job | Call] = deque()
         self.steps = 0
+        self._submit_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="generation-worker", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> Job:
-        try:
-            self.inbox.put_nowait(job)
-        except queue.Full as exc:
-            raise QueueFull("the generation queue is full") from exc
+        """Queue ``job``; QueueFull (HTTP 503) when ``max_queue`` requests already wait for a decode row."""
+        with self._submit_lock:  # request threads race here; only the worker thread moves ``taken``
+            if self.queued >= self.max_queue:
+                raise QueueFull("the generation queue is full")
+            self.submitted += 1
+        self.inbox.put_nowait(job)
         return job
 
     def call(self, fn, timeout: float):
@@ -153,7 +165,8 @@ class Generator:
 
     @property
     def queued(self) -> int:
-        return self.inbox.qsize() + len(self.pending)
+        """Requests waiting for a decode row, in the inbox or ``pending`` (at most ``max_queue``)."""
+        return self.submitted - self.taken
 
     # --- worker thread ---------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -183,8 +196,8 @@ class Generator:
 
         A request whose prefill raises gets its error event at once and the others go on being admitted; whatever
         happens, every request taken from ``pending`` is either in the batch, answered, or back in ``pending``."""
-        waiting, group = deque(), []
-        other_waits = False  # a request for another model is waiting: admit nothing after it (arrival order)
+        waiting, group, cancelled = deque(), [], 0
+        other_waits = False  # a request for another lane is waiting: admit nothing after it (arrival order)
         try:
             while self.pending:
                 job = self.pending.popleft()
@@ -192,22 +205,48 @@ class Generator:
                     job.run()
                     continue
                 if job.cancelled.is_set():
+                    cancelled += 1
                     continue
-                handle = batch.handle if batch.jobs else (group[0].handle if group else job.handle)
-                other_waits = other_waits or job.handle is not handle
-                if other_waits or len(batch.jobs) + len(group) >= self.max_batch_size:
+                lane = batch_lane(batch) if batch.jobs else job_lane(group[0] if group else job)
+                other_waits = other_waits or not joins(lane, job)
+                if not other_waits and not batch.jobs and not group and batch_lane(batch) != lane:
+                    batch = StaticBatch(job.handle) if lane[1] else Batch()
+                if other_waits or len(batch.jobs) + len(group) >= self._rows(batch):
                     waiting.append(job)
                     continue
-                if not batch.jobs and not group and batch.handle is not job.handle:
-                    batch = StaticBatch(job.handle) if job.handle.decoder is not None else Batch()
                 group.append(job)
         finally:
             waiting.extend(self.pending)
             self.pending = waiting
+            self.taken += cancelled + len(group)
             passes = prefill_group(batch, group)
             self.prefill_passes += passes
             self.prefilled += len(group)
         return batch
+
+    def _rows(self, batch) -> int:
+        """Rows of ``batch``: a static cache has the rows its handle was loaded with (a reload sizes them from the
+        re-read config, this worker's ``max_batch_size`` is the start-up one)."""
+        return batch.decoder.rows if isinstance(batch, StaticBatch) else self.max_batch_size
+
+
+def job_lane(job: Job) -> tuple:
+    """(model, static cache?) of the batch ``job`` decodes in: the static slots when prompt + reply fit their width.
+    A handle kept across a reload (a promotion) keeps the width it was loaded with while the live config may have
+    raised context_tokens: such a request decodes on the dynamic cache rather than have its reply cut."""
+    decoder = job.handle.decoder
+    fits = decoder is not None and len(job.prompt_ids) + job.max_new_tokens <= decoder.width
+    return id(job.handle), fits  # the handle's identity: two loads of one version are two models
+
+
+def batch_lane(batch) -> tuple:
+    return id(batch.handle), isinstance(batch, StaticBatch)
+
+
+def joins(lane: tuple, job: Job) -> bool:
+    """Whether ``job`` may decode in a batch of ``lane``: same model, and slots it fits (a dynamic cache takes any)."""
+    handle, static = lane
+    return id(job.handle) == handle and (not static or job_lane(job)[1])
 
 
 def prefill_group(batch, jobs: list[Job]) -> int:
@@ -381,7 +420,7 @@ class StaticBatch:
 
     def add(self, jobs: list[Job]) -> None:
         """Prefill ``jobs`` together and copy each open one's prompt cache into a free slot."""
-        for job in jobs:  # the slot holds `width` tokens: the reply is cut there (the API keeps prompt + reply in it)
+        for job in jobs:  # the slot holds `width` tokens (``job_lane`` sends only requests that fit): a safety cut
             job.max_new_tokens = max(1, min(job.max_new_tokens, self.decoder.width - len(job.prompt_ids)))
         cache, mask, open_rows = prefill(jobs)
         width = mask.shape[1]

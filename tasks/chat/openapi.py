@@ -105,7 +105,7 @@ def spec(max_message_chars: int = MAX_CHARS) -> dict:
                             "schema": {"type": "integer", "minimum": 0}}, TOKEN],
             "requestBody": {"required": True, "content": {"application/json": {
                 "schema": {"$ref": "#/components/schemas/Feedback"}}}},
-            "responses": {"200": _json({"type": "object"}, "Stored"), **_errors(400, 404)}}},
+            "responses": {"200": _json({"type": "object"}, "Stored"), **_errors(400, 404, 429)}}},
         "/admin/conversations": {"post": {
             "summary": "A conversation pinned to the champion or the candidate (the deploy step's smoke test)",
             "security": [{"admin": []}],

@@ -54,16 +54,55 @@ def build_prompt(tokenizer, system_prompt: str, history: list[dict], budget: int
     """(prompt ids, turns dropped): the system prompt, then as many of the latest turns as fit in ``budget`` tokens.
 
     History is oldest first and ends with the new user message. Whole user/assistant exchanges are dropped from the
-    oldest end, so the prompt never starts with a dangling assistant answer.
+    oldest end, so the prompt never starts with a dangling assistant answer. The cut is searched (``_first_fitting``),
+    not walked one exchange at a time: O(log n) tokenizations of a long conversation instead of O(n), each of the
+    whole remaining conversation.
     """
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    turns = list(history)
-    dropped = 0
-    while True:
-        ids = encode_conversation(tokenizer, system + turns)
-        if len(ids) <= budget:
-            return ids, dropped
-        if len(turns) <= 1:
-            raise PromptTooLong(f"the message needs {len(ids)} prompt tokens; the model's window leaves {budget}")
-        cut = 2 if len(turns) > 2 and turns[0]["role"] == "user" and turns[1]["role"] == "assistant" else 1
-        turns, dropped = turns[cut:], dropped + cut
+    starts = cut_points(history)
+    encoded: dict[int, list[int]] = {}
+
+    def ids(i: int) -> list[int]:  # the prompt from candidate cut i on, tokenized at most once
+        if i not in encoded:
+            encoded[i] = encode_conversation(tokenizer, system + history[starts[i]:])
+        return encoded[i]
+
+    first = _first_fitting(lambda i: len(ids(i)) <= budget, len(starts))
+    if first is None:
+        raise PromptTooLong(f"the message needs {len(ids(len(starts) - 1))} prompt tokens; the model's window leaves "
+                            f"{budget}")
+    return ids(first), starts[first]
+
+
+def cut_points(history: list[dict]) -> list[int]:
+    """Where a prompt may start, oldest first: 0, then after each whole user/assistant exchange (a lone turn counts
+    alone), down to the last turn. Every user message is one, so a history read from a user message on has the same
+    cut points from there."""
+    starts, s = [0], 0
+    while len(history) - s > 1:
+        pair = len(history) - s > 2 and history[s]["role"] == "user" and history[s + 1]["role"] == "assistant"
+        s += 2 if pair else 1
+        starts.append(s)
+    return starts
+
+
+def _first_fitting(fits, n: int) -> int | None:
+    """The smallest i < n with ``fits(i)``, or None, where fits is false up to some i and true from there on (fewer
+    turns never take more tokens). The whole conversation first (it usually fits: one tokenization), then the latest
+    turn alone, then galloping back from it and bisecting: O(log n) calls, each on a prompt at most about twice the
+    length of one that fits."""
+    if fits(0):
+        return 0
+    bad, good = 0, n - 1
+    if good == bad or not fits(good):
+        return None
+    step = 1
+    while good - step > bad:
+        if not fits(good - step):
+            bad = good - step
+            break
+        good, step = good - step, step * 2
+    while good - bad > 1:
+        mid = (bad + good) // 2
+        bad, good = (bad, mid) if fits(mid) else (mid, good)
+    return good

@@ -71,11 +71,20 @@ def message_json(r) -> dict:
     return out
 
 
-def history(conversation_id: str) -> list[dict]:
-    """The turns so far, oldest first, as chat-template messages."""
+def history(conversation_id: str, limit: int | None = None) -> list[dict]:
+    """The turns so far, oldest first, as chat-template messages; with ``limit``, only the latest ``limit`` messages,
+    from a user message on (a prompt starts with one: ``prompting.cut_points``), so a long conversation costs each
+    new message a bounded read. Every message takes at least one prompt token, so a limit above the prompt's token
+    budget leaves out nothing the prompt could hold."""
+    query = select(M.c.role, M.c.content).where(M.c.conversation_id == conversation_id)
     with db.engine().connect() as conn:
-        rows = conn.execute(select(M.c.role, M.c.content).where(M.c.conversation_id == conversation_id)
-                            .order_by(M.c.id)).all()
+        if limit is None:
+            rows = conn.execute(query.order_by(M.c.id)).all()
+        else:
+            rows = conn.execute(query.order_by(M.c.id.desc()).limit(limit)).all()[::-1]
+    if limit is not None and len(rows) == limit:  # cut short: drop the reply of an exchange that began before
+        first_user = next((i for i, row in enumerate(rows) if row.role == "user"), len(rows))
+        rows = rows[first_user:]
     return [{"role": role, "content": content} for role, content in rows]
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import secrets
 import subprocess
 import sys
 import threading
@@ -227,7 +228,9 @@ def cmd_release(args) -> int:
         inputs += ["--input", f"to={args.to}"]
     for override in args.set:
         inputs += ["--set", override]
-    manifest = run_step(s, "rollback_release", f"rollback-{time.strftime('%Y%m%dT%H%M%S')}", *inputs)
+    # one run id per command: the step finishes a plan stored under it, so two rollbacks must never share one
+    run_id = f"rollback-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+    manifest = run_step(s, "rollback_release", run_id, *inputs)
     print(f"{manifest['registered_model']}: champion is version {manifest['version']} (demoted: "
           f"{', '.join(manifest['demoted']) or 'none'}); {manifest['service_url']} serves it")
     return 0

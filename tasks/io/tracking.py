@@ -32,6 +32,17 @@ def flatten(cfg_dict: dict) -> dict[str, str]:
     return {name: str(value)[:500] for name, value in flatten_tree(cfg_dict, depth=1).items()}
 
 
+def filter_literal(value: str, what: str = "value") -> str:
+    """``value`` quoted for an MLflow search filter. MLflow's filter strings have no escape for quotes, so a value
+    with a quote or backslash (a run id or model name typed into a trigger form) is refused instead of changing the
+    search."""
+    text = str(value)
+    if any(c in text for c in "'\"\\`") or not text.isprintable():
+        raise ValueError(f"{what} {text!r} cannot be used in an MLflow search: quotes, backslashes, backticks and "
+                         "control characters are not allowed")
+    return f"'{text}'"
+
+
 def _experiment_id(client) -> str:
     name = _settings["experiment"]
     exp = client.get_experiment_by_name(name)
@@ -47,7 +58,7 @@ def find_or_create_run(run_name: str, tags: dict[str, str], parent_run_id: str |
 
     client = MlflowClient()
     exp_id = _experiment_id(client)
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    query = " and ".join(f"tags.`{k}` = {filter_literal(v, k)}" for k, v in tags.items())
     found = client.search_runs([exp_id], filter_string=query, max_results=1)
     if found:
         return found[0].info.run_id

@@ -153,11 +153,14 @@ def per_intent(hyps: list[str], refs: list[str], intents: list[str], weights: Ma
     return out
 
 
-def _weighted_from_sums(summed: np.ndarray, rouge_p_mean: float, weights: Mapping) -> float:
+ROUGE_KEYS = ("rougeL_precision", "rougeL_recall", "rougeL_f1")  # the columns of _rouge_l, in order
+WEIGHTABLE = (*BLEU_KEYS, *ROUGE_KEYS)  # every metric a weighted score (and so the bootstrap) may use
+
+
+def _weighted_from_sums(summed: np.ndarray, rouge_means: np.ndarray, weights: Mapping) -> float:
     scores = {f"bleu{n}": bleu_from_statistics(summed, n) for n in range(1, MAX_ORDER + 1)
               if f"bleu{n}" in weights}
-    if "rougeL_precision" in weights:
-        scores["rougeL_precision"] = rouge_p_mean
+    scores.update({k: float(rouge_means[i]) for i, k in enumerate(ROUGE_KEYS) if k in weights})
     return weighted_score(scores, weights)
 
 
@@ -166,7 +169,7 @@ def paired_bootstrap(cand_hyps: list[str], champ_hyps: list[str], refs: list[str
     """Paired bootstrap of the corpus-level weighted score: candidate minus champion.
 
     Each resample draws N example indices with replacement (numpy ``default_rng(seed)``), the *same* indices for
-    both systems; the corpus BLEU statistics are re-summed over the drawn examples and ROUGE-L precision is
+    both systems; the corpus BLEU statistics are re-summed over the drawn examples and the ROUGE-L means are
     re-averaged, then the weighted score is recomputed for each system. Returns ``delta`` (on the full test set),
     ``ci_low`` / ``ci_high`` (2.5th / 97.5th percentiles of the resampled deltas), ``p_value_le_0`` (share of
     resamples with delta <= 0), ``n`` and ``n_resamples``.
@@ -175,14 +178,13 @@ def paired_bootstrap(cand_hyps: list[str], champ_hyps: list[str], refs: list[str
     _check(champ_hyps, refs)
     if n_resamples < 1:
         raise ValueError("n_resamples must be >= 1")
-    allowed = set(BLEU_KEYS) | {"rougeL_precision"}
-    unknown = sorted(set(weights) - allowed)
+    unknown = sorted(set(weights) - set(WEIGHTABLE))
     if unknown:
-        raise ValueError(f"metric {unknown[0]!r} cannot be bootstrapped (supported: {sorted(allowed)})")
+        raise ValueError(f"metric {unknown[0]!r} cannot be bootstrapped (supported: {list(WEIGHTABLE)})")
 
     n = len(refs)
     parts = [(bleu_statistics(h, refs), _rouge_l(h, refs)) for h in (cand_hyps, champ_hyps)]
-    full = [_weighted_from_sums(stats.sum(axis=0), float(rouge[:, 0].mean()), weights) for stats, rouge in parts]
+    full = [_weighted_from_sums(stats.sum(axis=0), rouge.mean(axis=0), weights) for stats, rouge in parts]
     delta = full[0] - full[1]
 
     rng = np.random.default_rng(seed)
@@ -195,8 +197,8 @@ def paired_bootstrap(cand_hyps: list[str], champ_hyps: list[str], refs: list[str
         per_system = []
         for stats, rouge in parts:
             sums = stats[idx].sum(axis=1)  # (k, 10)
-            rouge_p = rouge[:, 0][idx].mean(axis=1)  # (k,)
-            per_system.append([_weighted_from_sums(sums[j], float(rouge_p[j]), weights) for j in range(k)])
+            rouge_means = rouge[idx].mean(axis=1)  # (k, 3)
+            per_system.append([_weighted_from_sums(sums[j], rouge_means[j], weights) for j in range(k)])
         deltas[done:done + k] = np.asarray(per_system[0]) - np.asarray(per_system[1])
         done += k
 

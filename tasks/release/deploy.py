@@ -161,6 +161,9 @@ def smoke_test(url: str, arm: str | None = None) -> dict:
                           {"content": SMOKE_QUESTION, "stream": False},
                           {"X-Client-Token": conv["client_token"]}, timeout=120)
     msg = reply["message"]
-    if status != 200 or msg["completion_tokens"] < 1:
-        raise StepError(f"smoke-test chat failed: HTTP {status}, {msg.get('completion_tokens')} tokens")
+    # No text is a failure too: a model whose weights went bad (NaN) decodes special tokens only, so it has tokens
+    # but says nothing.
+    if status != 200 or msg["completion_tokens"] < 1 or not (msg.get("content") or "").strip():
+        raise StepError(f"smoke-test chat failed: HTTP {status}, {msg.get('completion_tokens')} tokens, "
+                        f"{len((msg.get('content') or '').strip())} characters of text")
     return msg

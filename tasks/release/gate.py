@@ -20,7 +20,9 @@ The gate fails closed. Rules, in this order:
 6. The weighted improvement ``delta`` must be strictly above ``min_improvement_threshold`` (differences below
    ``EPS`` count as equal, so "+0.0010 vs threshold 0.0010" never releases because of float noise).
 7. A paired bootstrap (``tasks.ml.metrics.paired_bootstrap``) gives the 95% CI of delta when both evaluations carry
-   outputs and the same references; with ``require_significance`` a CI low end <= 0, or no CI at all, blocks.
+   outputs and the same references; with ``require_significance`` a CI low end <= 0, or no CI at all, blocks. No CI
+   at all never releases unchecked: ``missing_ci=block`` blocks, ``missing_ci=ask`` (the default) releases only
+   through a person's approval (``ci_problem`` says why there is none; the Airflow side asks).
 8. Per-intent guard: an intent present in both evaluations with at least ``min_intent_examples`` examples whose
    weighted score dropped by more than ``max_intent_regression`` blocks.
 9. Live set (snapshots made with data.include_feedback: prompts whose chat reply got a thumbs-down): the table
@@ -90,6 +92,7 @@ class Decision:
     would_release: bool = False  # the decision without force_deploy
     candidate_score: float | None = None  # weighted scores recomputed with the gate's weights
     champion_score: float | None = None
+    ci_problem: str | None = None  # why a comparison with a champion has no CI (a release then needs a person)
     p_value: float | None = None  # bootstrap share of resampled deltas <= 0
     n_resamples: int | None = None
     live: dict = field(default_factory=dict)  # the live set's numbers (rule 9), empty without a live evaluation
@@ -371,11 +374,7 @@ def _compare(cand: Evaluation, champ: Evaluation, weights: Mapping, settings: Ga
             v.notes.append(f"note: the bootstrap's delta {result['delta']:+.4f} on the stored outputs differs from "
                            f"the delta {delta:+.4f} of the stored scores")
     else:
-        if settings.require_significance:
-            checks["significant"] = False
-            v.blocking.append(f"significance is required but there is no confidence interval: {problem}")
-        else:
-            v.notes.append(f"note: no confidence interval: {problem}")
+        _missing_ci(problem, settings, d, v, checks)
 
     # Rule 8: per-intent regression guard.
     moved, regressions = [], []
@@ -408,6 +407,21 @@ def _compare(cand: Evaluation, champ: Evaluation, weights: Mapping, settings: Ga
                               + ", ".join(parts))
     _live_rule(d.live, settings, v, checks)
     v.release = not v.blocking
+
+
+def _missing_ci(problem: str, settings: GateConfig, d: Decision, v: _Verdict, checks: dict[str, bool]) -> None:
+    """Rule 7 without an interval: an improvement nobody could check is blocked or put to a person, never released
+    as if it were significant."""
+    d.ci_problem = problem
+    checks["significant"] = False
+    if settings.require_significance:
+        v.blocking.append(f"significance is required but there is no confidence interval: {problem}")
+    elif settings.missing_ci == "block":
+        v.blocking.append(f"no confidence interval of the delta against the champion: {problem} "
+                          f"(gate.missing_ci=block)")
+    else:
+        v.notes.append(f"note: no confidence interval of the delta against the champion: {problem}; a release "
+                       f"needs a person's approval (gate.missing_ci=ask)")
 
 
 def _settings_diff(cand: Mapping | None, champ: Mapping | None) -> str:

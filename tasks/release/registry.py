@@ -76,7 +76,7 @@ def git_commit() -> str:
 
 
 def version_of_run(client, name: str, run_id: str):
-    for mv in client.search_model_versions(f"name = '{name}'"):
+    for mv in client.search_model_versions(f"name = {tracking.filter_literal(name, 'registered model name')}"):
         if (mv.tags or {}).get("ecb.run_id") == run_id:
             return mv
     return None
@@ -163,3 +163,11 @@ def version_tags(name: str, version: str) -> dict | None:
 
 def set_version_tag(name: str, version: str, key: str, value: str) -> None:
     _registry_call(lambda c: c.set_model_version_tag(name, str(version), key, value))
+
+
+def delete_version_tag(name: str, version: str, key: str) -> bool:
+    """Remove tag ``key`` of one version; False when it was not set (idempotent)."""
+    if key not in (version_tags(name, version) or {}):
+        return False
+    _registry_call(lambda c: c.delete_model_version_tag(name, str(version), key))
+    return True

@@ -2,10 +2,12 @@
 
     python -m tasks canary_status --run-id R --input registry_version=N
 
-Ready when the candidate has ``release.canary_min_messages`` replies since the canary began, or when
-``release.canary_timeout_s`` has passed (the verdict then judges what there is), or at once when version N is no
-canary (it was released straight to champion, or its canary was already decided). Reads Postgres only; the manifest
-carries the counts and ``ready``; the Airflow side reschedules the check while it is false.
+Ready when the canary can be judged (``canary.unseen``: ``release.canary_min_messages`` candidate replies and
+``release.canary_min_rated`` rated replies on each arm, counting at most ``release.canary_max_replies_per_conversation``
+replies of a conversation), or when ``release.canary_timeout_s`` has passed (the verdict then judges what there is,
+and rolls back a canary still short of either), or at once when version N is no canary (it was released straight to
+champion, or its canary was already decided). Reads Postgres only; the manifest carries the counts, what is missing
+and ``ready``; the Airflow side reschedules the check while it is false.
 """
 
 from __future__ import annotations
@@ -33,13 +35,18 @@ def run(ctx: StepContext) -> dict:
         champion = canary.current_champion(rel.registered_model)
     except (registry.RegistryUnavailable, canary.CanaryError) as exc:
         raise StepError(f"canary_status: {exc}") from exc
-    arms = canary.arm_stats([version, champion], row["canary_started_at"])
+    arms = canary.arm_stats([version, champion], row["canary_started_at"], rel.canary_max_replies_per_conversation)
+    cand, champ = arms[version], arms[champion]
+    missing = canary.unseen(cand, champ, canary.Limits.from_config(rel))
     elapsed = (row["now"] - row["canary_started_at"]).total_seconds()
-    seen, enough = arms[version].replies, arms[version].replies >= rel.canary_min_messages
-    timed_out = not enough and elapsed >= rel.canary_timeout_s
-    log.info("Canary version %s: %d of %d candidate replies (champion %s: %d) after %.0fs of at most %ds: %s.",
-             version, seen, rel.canary_min_messages, champion, arms[champion].replies, elapsed, rel.canary_timeout_s,
-             "enough to judge" if enough else "time is up, judging what there is" if timed_out else "waiting")
-    return {"ready": enough or timed_out, "canary": True, "version": version, "champion_version": champion,
-            "candidate_replies": seen, "champion_replies": arms[champion].replies, "elapsed_s": round(elapsed, 1),
-            "timed_out": timed_out}
+    timed_out = bool(missing) and elapsed >= rel.canary_timeout_s
+    log.info("Canary version %s: %d candidate replies in %d conversations, %d rated (champion %s: %d replies, %d "
+             "rated) after %.0fs of at most %ds: %s.", version, cand.replies, cand.conversations, cand.rated, champion,
+             champ.replies, champ.rated, elapsed, rel.canary_timeout_s,
+             "enough to judge" if not missing else
+             f"time is up, judging what there is ({'; '.join(missing)})" if timed_out else
+             f"waiting: {'; '.join(missing)}")
+    return {"ready": not missing or timed_out, "canary": True, "version": version, "champion_version": champion,
+            "candidate_replies": cand.replies, "champion_replies": champ.replies, "candidate_rated": cand.rated,
+            "champion_rated": champ.rated, "candidate_conversations": cand.conversations, "missing": missing,
+            "elapsed_s": round(elapsed, 1), "timed_out": timed_out}

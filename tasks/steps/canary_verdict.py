@@ -2,13 +2,15 @@
 
     python -m tasks canary_verdict --run-id R --input registry_version=N
 
-Compares candidate N with the champion on the replies since the canary began (tasks/release/canary.py): error and
-timeout rate, thumbs-down rate among rated replies, empty or over-length replies (each a difference with a
-confidence interval against a margin) and p95 latency. Promote: ``previous`` -> the old champion, ``champion`` -> N,
-``candidate`` removed, the release row ``deployed``. Roll back: ``candidate`` removed, the champion stays, the row
-``rolled_back``. Either way the chat service is reloaded and the step waits until it serves only the champion. The
-decision is stored in the row before any alias moves, so a retry applies the same decision instead of judging again.
-The task log states the numbers and the decision in one sentence.
+Compares candidate N with the champion on the replies since the canary began (tasks/release/canary.py), with
+conversations as the unit: error and timeout rate, thumbs-down rate among rated replies, empty or over-length replies
+(each a one-sided test of the difference against a margin, the three Holm-corrected together) and p95 latency. Too
+few candidate replies, or too few rated replies on either arm, is a rollback: an unseen canary is never promoted.
+Promote: ``previous`` -> the old champion, ``champion`` -> N, ``candidate`` removed, the release row ``deployed``.
+Roll back: ``candidate`` removed, the champion stays, the row ``rolled_back``. Either way the chat service is reloaded
+and the step waits until it serves only the champion. The decision is stored in the row before any alias moves, so a
+retry applies the same decision instead of judging again. The task log states the numbers and the decision in one
+sentence.
 """
 
 from __future__ import annotations
@@ -39,7 +41,11 @@ def run(ctx: StepContext) -> dict:
             verdict = stored if stored.get("decision") else judge(cfg, name, version, row)
             if verdict is None:
                 return {"decision": "none", "version": version}
-            apply(name, version, verdict["decision"])
+            try:
+                apply(name, version, verdict["decision"])
+            except canary.CanaryEnded as exc:  # a person ended it between the judging and now: their call stands
+                log.warning("%s; the verdict (%s) is not applied.", exc, verdict["decision"])
+                return {"decision": "none", "version": version, "reason": str(exc)}
             canary.update_row(row["id"], f"canary verdict: {verdict['decision']}",
                               status=STATUS[verdict["decision"]], decided_at=func.now())
         else:  # decided by an earlier try whose reload failed: move nothing (the aliases may have moved since)
@@ -65,14 +71,16 @@ def apply(name: str, version: str, decision: str) -> None:
 
 
 def judge(cfg, name: str, version: str, row: dict) -> dict | None:
-    """The verdict on live signals, stored in the release row before anything moves (None: the canary is over)."""
+    """The verdict on live signals, stored in the release row before anything moves (None: the canary is over).
+    A canary the waiting task let through at its time limit without enough replies or ratings is rolled back."""
     found = registry.aliases(name)
     if found.get("candidate") != str(version):
         log.info("The candidate alias no longer names version %s (it names %s): the canary was ended by hand; "
                  "nothing to judge.", version, found.get("candidate"))
         return None
     champion = canary.current_champion(name)
-    arms = canary.arm_stats([str(version), champion], row["canary_started_at"])
+    arms = canary.arm_stats([str(version), champion], row["canary_started_at"],
+                            cfg.release.canary_max_replies_per_conversation)
     verdict = canary.judge(arms[str(version)], arms[champion], canary.Limits.from_config(cfg.release)).to_dict()
     canary.update_row(row["id"], verdict=verdict)
     return verdict

@@ -6,7 +6,8 @@ Local mode: start the service (gunicorn, detached, pid and log in the state fold
 the running one to reload (``POST /admin/reload``: it reads the registry's aliases again). Container modes: restart
 the compose service or roll out the Kubernetes deployment (tasks/release/rollout.py). Then wait until ``/api/model``
 serves the expected versions, send one smoke-test chat, and record the URL and version in the run's ``releases`` row.
-When the service does not come up, the step fails with the reason and the row says ``deploy_failed``.
+When the service does not come up, the step fails with the reason and the row says ``deploy_failed``; a canary that
+fails so is withdrawn first (candidate alias and share tag removed, the service reloaded onto the champion alone).
 
 Canary (``release.canary_share`` > 0 and register_model set the ``candidate`` alias on this version): the version gets
 the share as a tag, the service serves it beside the champion, the smoke test chats with the candidate, and the row
@@ -20,6 +21,7 @@ import logging
 
 from tasks.context import StepContext
 from tasks.errors import StepError
+from tasks.release import canary as canary_release
 from tasks.release import deploy, registry
 from tasks.release.registry import serving_uri
 
@@ -55,7 +57,7 @@ def run(ctx: StepContext) -> dict:
     cfg = ctx.config
     name = cfg.release.registered_model
     try:
-        found = registry.aliases(name)
+        found = resume_withdrawn_canary(ctx, registry.aliases(name))
         version, candidate, canary = plan(ctx, found)
         if canary:
             registry.set_version_tag(name, candidate, registry.CANARY_SHARE_TAG, str(cfg.release.canary_share))
@@ -75,8 +77,9 @@ def run(ctx: StepContext) -> dict:
         url, info = deploy.redeploy(cfg, version, expect, restart=True)
         msg = deploy.smoke_test(url, arm="candidate" if canary else None)
     except (StepError, OSError, ValueError) as exc:
-        record(ctx, serving, url or "", "deploy_failed", str(exc)[:2000])
-        raise StepError(f"deploy_chat_service failed ({mode} mode): {exc}") from exc
+        withdrawn = withdraw_canary(cfg, candidate, version) if canary else ""
+        record(ctx, serving, url or "", "deploy_failed", f"{str(exc)[:1500]}{withdrawn}")
+        raise StepError(f"deploy_chat_service failed ({mode} mode): {exc}{withdrawn}") from exc
     smoke = f"smoke test: {msg['completion_tokens']} tokens in {msg['latency_ms']:.0f} ms"
     if canary:
         detail = (f"canary: version {candidate} serves {cfg.release.canary_share:.0%} of new conversations beside "
@@ -88,6 +91,53 @@ def run(ctx: StepContext) -> dict:
     log.info("deployed: %s serves %s version %s; %s", url, info.get("name"), serving, detail)
     return {"service_url": url, "version": serving, "champion_version": version, "canary": canary, "mode": mode,
             "smoke_latency_ms": msg["latency_ms"]}
+
+
+def withdraw_canary(cfg, candidate: str, champion: str) -> str:
+    """A canary that failed its deploy or smoke test gets no traffic: its alias and share tag go before the step fails
+    (else the service would keep giving it new conversations, restarts included), then the service is reloaded to
+    serve the champion alone. Returns the sentence the release row and the error end with."""
+    name = cfg.release.registered_model
+    try:
+        canary_release.end_canary(name, candidate)
+        registry.delete_version_tag(name, candidate, registry.CANARY_SHARE_TAG)
+    except registry.RegistryUnavailable as exc:
+        log.error("could not withdraw canary version %s: the registry is unreachable (%s); its candidate alias may "
+                  "still give it new conversations", candidate, exc)
+        return f"; canary NOT withdrawn, the registry is unreachable: {exc}"
+    log.warning("canary version %s withdrawn: candidate alias and share tag removed; champion %s gets all new "
+                "conversations", candidate, champion)
+    try:
+        deploy.follow_aliases(cfg, champion, "deploy_chat_service (canary withdrawn)")
+    except (StepError, OSError, ValueError) as exc:
+        log.error("%s", exc)
+        return (f"; canary version {candidate} withdrawn (candidate alias and share tag removed), but the service did "
+                f"not reload yet: it serves champion {champion} alone from its next reload or restart")
+    return (f"; canary version {candidate} withdrawn: candidate alias and share tag removed, champion {champion} "
+            "serves all conversations")
+
+
+def run_status(ctx: StepContext) -> str | None:
+    from sqlalchemy import select
+
+    from tasks.io import db, schema
+
+    r = schema.releases
+    return db.transaction(lambda conn: conn.execute(select(r.c.status).where(r.c.run_id == ctx.run_id)).scalar(),
+                          what="read the release's status")
+
+
+def resume_withdrawn_canary(ctx: StepContext, found: dict) -> dict:
+    """A retry of a canary deploy that an earlier try withdrew (this run's row says ``deploy_failed``, the version is
+    neither champion nor candidate): put the candidate alias back and try the canary again, as the first try meant.
+    Without this the retry would deploy the version as the champion it never became and wait for nothing."""
+    wanted = ctx.inputs.get("registry_version")
+    if (not wanted or ctx.config.release.canary_share <= 0 or found.get("candidate")
+            or found.get("champion") in (None, str(wanted)) or run_status(ctx) != "deploy_failed"):
+        return found
+    registry.set_alias(ctx.config.release.registered_model, "candidate", str(wanted))
+    log.info("retry: re-starting the canary of version %s that an earlier try withdrew", wanted)
+    return {**found, "candidate": str(wanted)}
 
 
 def plan(ctx: StepContext, found: dict) -> tuple[str, str | None, bool]:

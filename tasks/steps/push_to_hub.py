@@ -1,9 +1,13 @@
-"""Push a registered release to the Hugging Face Hub, with a model card built from what Postgres recorded.
+"""Publish a final release to the Hugging Face Hub, with a model card built from what Postgres recorded.
 
     python -m tasks push_to_hub --run-id R --input adapter_uri=s3://... --input registry_version=N
 
-The card's numbers come from the rows the pipeline wrote (snapshot, training run, evaluations, gate decision), so
-they are the ones the gate saw. No token configured -> the step skips with one clear line (see tasks/release/hub.py).
+Only a release that is final reaches the Hub: the DAG runs this step after the canary verdict, and the step publishes
+only when the run's ``releases`` row says ``deployed`` (served as the champion: promoted by its canary, or released
+without one). A canary still running, rolled back, or whose deploy failed is skipped with the reason, so the Hub's
+``main`` and its version tags never name a model customers were taken off. The card's numbers come from the rows
+the pipeline wrote (snapshot, training run, evaluations, gate decision), so they are the ones the gate saw. No token
+configured -> the step skips with one clear line (see tasks/release/hub.py).
 """
 
 from __future__ import annotations
@@ -53,22 +57,50 @@ def release_meta(ctx: StepContext, version: str) -> dict:
             "system_prompt": cfg.data.system_prompt, "datasets": [], "license": "apache-2.0"}
 
 
-def record(ctx: StepContext, result: dict) -> None:
-    from sqlalchemy import update
+FINAL = "deployed"  # the releases status of a version that serves as the champion
+
+
+def release_status(ctx: StepContext) -> str | None:
+    from sqlalchemy import select
 
     from tasks.io import db, schema
 
-    values = ({"hub_repo": result["repo_id"], "hub_revision": result["revision"], "status": "pushed"}
-              if result["status"] in ("pushed", "exists") else {"detail": f"hub push {result['status']}: "
-                                                                          f"{result.get('reason', '')}"})
+    r = schema.releases
+    return db.transaction(lambda conn: conn.execute(select(r.c.status).where(r.c.run_id == ctx.run_id)).scalar(),
+                          what="read the release's status")
+
+
+def record(ctx: StepContext, result: dict) -> None:
+    """The Hub repo and commit of a published release (the status stays what the release is: ``deployed``), or why
+    nothing was published."""
+    from sqlalchemy import select
+
+    from tasks.io import db, schema
+    from tasks.release import canary
+
+    values = ({"hub_repo": result["repo_id"], "hub_revision": result["revision"]}
+              if result["status"] in ("pushed", "exists") else {})
+    detail = f"hub push {result['status']}" + (f": {result['reason']}" if result.get("reason") else "")
     if result.get("note"):  # released under another tag than v<version>: say which and why
-        values["detail"] = f"hub push: {result['note']}"
-    with db.engine().begin() as conn:
-        conn.execute(update(schema.releases).where(schema.releases.c.run_id == ctx.run_id).values(**values))
+        detail = f"hub push: {result['note']}"
+    r = schema.releases
+    row_id = db.transaction(lambda conn: conn.execute(select(r.c.id).where(r.c.run_id == ctx.run_id)).scalar(),
+                            what="find the release row")
+    if row_id is not None:
+        canary.update_row(row_id, detail, **values)
 
 
 def run(ctx: StepContext) -> dict:
     adapter_uri, version = ctx.require_input("adapter_uri"), ctx.require_input("registry_version")
-    result = hub.publish(adapter_uri, version, release_meta(ctx, version), ctx.config.release.hub_repo_id)
+    repo_id = ctx.config.release.hub_repo_id
+    status = release_status(ctx)
+    if status != FINAL:
+        reason = (f"version {version} is not a final release (release status {status or 'unknown'}: a canary that "
+                  f"is still running, was rolled back or failed to deploy is never published); the Hub's main and "
+                  f"tags of {repo_id} stay as they were")
+        log.info("Not publishing: %s.", reason)
+        result = {"status": "skipped", "reason": reason, "repo_id": repo_id, "registry_version": version}
+    else:
+        result = hub.publish(adapter_uri, version, release_meta(ctx, version), repo_id)
     record(ctx, result)
     return result

@@ -92,4 +92,4 @@ def run(ctx: StepContext) -> dict:
     log.info("gate decision %d recorded: %s", decision_id, decision.summary)
     return {"release": decision.release, "forced": decision.forced, "decision_id": decision_id,
             "summary": decision.summary, "reasons": decision.reasons, "delta": decision.delta,
-            "ci_low": decision.ci_low, "ci_high": decision.ci_high}
+            "ci_low": decision.ci_low, "ci_high": decision.ci_high, "ci_problem": decision.ci_problem}

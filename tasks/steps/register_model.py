@@ -30,6 +30,19 @@ from tasks.release.registry import (
 log = logging.getLogger("tasks.steps.register_model")
 
 
+def registered(client, name: str) -> bool:
+    """Whether registered model ``name`` exists (looked up by name, not through a search filter built from it)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
+
+
 def run(ctx: StepContext) -> dict:
     cfg = ctx.config
     name = cfg.release.registered_model
@@ -45,7 +58,7 @@ def run(ctx: StepContext) -> dict:
         if mv is None:
             if not mlflow_run:
                 raise StepError("register_model needs --input mlflow_run_id (the fine-tune's MLflow run)")
-            if not client.search_registered_models(f"name = '{name}'"):
+            if not registered(client, name):
                 client.create_registered_model(name, description="E-commerce customer-support chatbot (LoRA)")
             model_uri = log_candidate(mlflow_run, adapter_uri, cfg)
             tags = {"ecb.run_id": ctx.run_id, "snapshot_id": snapshot_id, "gate_decision_id": decision_id,

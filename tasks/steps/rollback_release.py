@@ -6,6 +6,10 @@ Moves the aliases (``champion`` -> VERSION, default the ``previous`` alias; ``pr
 running canary ends), records who (``by``, default the OS user) and why in ``releases`` (the demoted version's row
 says ``rolled_back``; a ``rollback-...`` row records the event), then reloads the chat service and waits until it
 serves VERSION. The service reads the aliases at every start, so a restart serves VERSION too.
+
+A retry of the same run (an Airflow retry after the reload timed out, a killed worker) finishes the move the first
+try planned, stored in the run's ``rollback-...`` row before any alias moved: it never plans again from aliases that
+already moved, and it adds no second row.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ def run(ctx: StepContext) -> dict:
     reason = (ctx.inputs.get("reason") or "").strip() or "no reason given"
     by = (ctx.inputs.get("by") or "").strip() or getpass.getuser()
     try:
-        moved = canary.manual_rollback(name, to, by, reason)
+        moved = canary.manual_rollback(name, to, by, reason, ctx.run_id)
     except (registry.RegistryUnavailable, canary.CanaryError) as exc:
         raise StepError(f"rollback_release: {exc}") from exc
     target = moved["champion"]

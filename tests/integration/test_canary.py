@@ -63,15 +63,18 @@ def release(services, mlflow_server, tiny_base_model, adapter_dir, uid):
               # a 2-core box shared with other test runs makes p95 latency noisy; the latency rule is unit-tested
               "--set", "release.canary_max_latency_ratio=4.0"]
 
-    def release_version(n: int) -> dict:
+    def release_version(n: int, deploy: bool = True, adapter=None) -> dict:
+        """Register version n (from ``adapter``, default the fixture's) and, with ``deploy``, deploy it."""
         run_id = f"canary-{uid}-v{n}"
         adapter_uri = f"s3://{cfg.storage.bucket}/tests/canary-{uid}/v{n}/adapter"
-        for path in adapter_dir.iterdir():
+        for path in (adapter or adapter_dir).iterdir():
             s3.put_bytes(f"{adapter_uri}/{path.name}", path.read_bytes())
         mlflow_run = client.create_run(exp_id, run_name=f"finetune-{run_id}").info.run_id
         reg = step_manifest("register_model", run_id, *common, "--input", f"adapter_uri={adapter_uri}",
                             "--input", f"mlflow_run_id={mlflow_run}", "--input", f"snapshot_id=snap-{uid}",
                             "--input", "decision_id=1")
+        if not deploy:
+            return {"run_id": run_id, "register": reg}
         dep = step_manifest("deploy_chat_service", run_id, *common, "--input", f"registry_version={reg['version']}")
         return {"run_id": run_id, "register": reg, "deploy": dep}
 
@@ -232,3 +235,35 @@ def test_release_rows_of_two_models_with_the_same_version_number_stay_apart(serv
     assert (canary.release_row(b, "1")["run_id"], canary.release_row(b, "1")["status"]) == (f"{b}-run", "deployed")
     assert canary.release_row(f"model-c-{uid}", "1") is None or canary.release_row(
         f"model-c-{uid}", "1")["registered_model"] is None  # only rows from before migration 0006 match any model
+
+
+def test_one_conversation_counts_with_its_first_replies_only(services, uid):
+    """One client cannot make up a canary alone: of a conversation's 50 replies (all rated thumbs-down, the later
+    ones failed) the verdict counts the first ``per_conversation`` and their ratings; each conversation is one row."""
+    from sqlalchemy import func, insert
+
+    from tasks.release import canary
+
+    cand, champ = f"cap-2-{uid}", f"cap-1-{uid}"
+    with db.engine().connect() as conn:
+        since = conn.execute(select(func.now())).scalar()
+    convs = [(f"long-{uid}", cand, 50), *((f"short-{uid}-{i}", cand, 2) for i in range(3)), (f"champ-{uid}", champ, 4)]
+    with db.engine().begin() as conn:
+        conn.execute(insert(schema.conversations), [{"id": c, "client_token_hash": "x", "model_version": v}
+                                                    for c, v, _ in convs])
+        for cid, version, n in convs:
+            ids = conn.execute(insert(schema.messages).returning(schema.messages.c.id), [
+                {"conversation_id": cid, "role": "assistant", "content": "ok", "model_version": version,
+                 "latency_ms": 100.0 if i < 5 else 9000.0,
+                 "finish_reason": "length" if version == champ else "stop" if i < 5 else "error"}
+                for i in range(n)]).scalars().all()
+            rated = ids if cid.startswith("long") else ids[:1] if cid.startswith("short") else []
+            if rated:
+                conn.execute(insert(schema.feedback), [{"message_id": m, "rating": -1 if cid.startswith("long") else 1,
+                                                        "model_version": version} for m in rated])
+    arms = canary.arm_stats([cand, champ], since, 5)
+    assert sorted(map(tuple, arms[cand].counts.tolist())) == [(2, 0, 0, 1, 0)] * 3 + [(5, 0, 0, 5, 5)]
+    assert arms[cand].summary() == {"version": cand, "conversations": 4, "replies": 11, "errors": 0, "bad": 0,
+                                    "rated": 8, "thumbs_down": 5, "latency_p95_ms": 100.0}
+    assert arms[champ].counts.tolist() == [[4, 0, 4, 0, 0]]
+    assert canary.arm_stats([cand, champ], since, 100)[cand].summary()["replies"] == 56  # without the cap: all

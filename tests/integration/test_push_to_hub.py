@@ -29,8 +29,9 @@ TOKEN = "hf_test_meta_token_0123456789abcdef"
 ADAPTER = {"adapter_config.json": b'{"peft_type": "LORA", "r": 4}', "adapter_model.safetensors": b"\1" * 64}
 
 
-def write_rows(run_id: str, uid: str) -> int:
-    """The rows of a released run (snapshot, evaluation, gate decision, release); returns the gate decision id."""
+def write_rows(run_id: str, uid: str, status: str = "deployed") -> int:
+    """The rows of a released run (snapshot, evaluation, gate decision, release with ``status``: ``deployed`` once
+    it serves as the champion); returns the gate decision id."""
     snapshot_id = f"snap-meta-{uid}"
     with db.engine().begin() as conn:
         conn.execute(insert(schema.snapshots).values(
@@ -44,7 +45,7 @@ def write_rows(run_id: str, uid: str) -> int:
             run_id=run_id, candidate_eval_id=eval_id, release=True, reasons=["first model"],
             summary="Released: first model.").returning(schema.gate_decisions.c.id)).scalar()
         conn.execute(insert(schema.releases).values(run_id=run_id, snapshot_id=snapshot_id, config_hash="h" * 64,
-                                                    registry_version="5", status="registered"))
+                                                    registry_version="5", status=status))
     return gate_id
 
 
@@ -90,5 +91,28 @@ def test_card_and_lineage_name_the_dag_run_and_the_gate_decision(services, uid, 
     assert (release["run_id"], release["gate_decision_id"], release["registry_version"]) == (run_id, gate_id, "5")
     with db.engine().connect() as conn:
         row = conn.execute(select(schema.releases).where(schema.releases.c.run_id == run_id)).one()
-    assert (row.status, row.hub_repo, row.hub_revision) == ("pushed", repo, result["revision"])
+    assert (row.status, row.hub_repo, row.hub_revision) == ("deployed", repo, result["revision"])
     assert row.detail.startswith(f"hub push: released as {result['tag']}: tag v5 on {repo}")
+
+
+@pytest.mark.parametrize("status", ["canary", "rolled_back", "deploy_failed"])
+def test_a_release_that_is_not_final_never_reaches_the_hub(services, uid, tmp_path, monkeypatch, status):
+    """A canary still running, rolled back by its verdict or by a person, or whose deploy failed: the step succeeds
+    without sending anything, so the Hub's main (and any v<version> tag) keeps naming the last final release. The
+    Hub is the local test endpoint (tests/hub_server.py through HF_ENDPOINT): the real one cannot be reached here."""
+    run_id = f"manual__2026-12-07T09:00:00+00:00-{uid}"
+    write_rows(run_id, uid, status=status)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    repo = f"ecb-test/final-{uid}"
+    cfg = load_config(overrides={"release.hub_repo_id": repo})
+    ctx = StepContext("push_to_hub", run_id, cfg, inputs={"adapter_uri": "s3://b/adapter", "registry_version": "5"})
+    with HubServer(token=TOKEN) as hub:
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        result = push_to_hub.run(ctx)
+        assert hub.commits == [] and repo not in hub.repos
+    assert result["status"] == "skipped" and f"release status {status}" in result["reason"]
+    with db.engine().connect() as conn:
+        row = conn.execute(select(schema.releases).where(schema.releases.c.run_id == run_id)).one()
+    assert (row.status, row.hub_repo, row.hub_revision) == (status, None, None)
+    assert f"hub push skipped: version 5 is not a final release (release status {status}" in row.detail

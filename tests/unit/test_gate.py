@@ -214,14 +214,51 @@ def test_significant_improvement_releases_with_require_significance():
     assert any("lies above 0" in r for r in d.reasons)
 
 
-def test_unpaired_outputs_give_no_ci_and_block_only_under_require_significance(noisy_pair):
+def test_unpaired_outputs_give_no_ci_and_a_release_only_through_a_person(noisy_pair):
+    """No CI with a champion present fails closed: the decision carries why (the Airflow side then asks a person,
+    decisions.approval_needed), gate.missing_ci=block keeps the champion, require_significance blocks too."""
+    from ecb_airflow.decisions import approval_needed
+
     cand, cham = noisy_pair
     cham = Evaluation(**{**cham.__dict__, "references": list(reversed(cham.references))})
     d = decide(cand, cham, WEIGHTS, GateConfig(bootstrap_resamples=20))
-    assert d.release and d.ci_low is None
-    assert any("references differ" in r for r in d.reasons)
+    assert d.release and d.ci_low is None and "references differ" in d.ci_problem
+    assert any("needs a person's approval (gate.missing_ci=ask)" in r for r in d.reasons)
+    manifest = {"release": d.release, "forced": d.forced, "decision_id": 1, "summary": d.summary,
+                "delta": d.delta, "ci_low": d.ci_low, "ci_high": d.ci_high, "ci_problem": d.ci_problem}
+    asked, why = approval_needed(manifest, require_approval=False)
+    assert asked and "references differ" in why and "no champion" not in why
+    blocked = decide(cand, cham, WEIGHTS, GateConfig(bootstrap_resamples=20, missing_ci="block"))
+    assert not blocked.release
+    assert any("no confidence interval of the delta against the champion" in r and "gate.missing_ci=block" in r
+               for r in blocked.reasons)
     d = decide(cand, cham, WEIGHTS, GateConfig(bootstrap_resamples=20, require_significance=True))
     assert not d.release and "delta 95% CI [n/a, n/a]" in d.table
+
+
+def test_a_failing_bootstrap_never_releases_unchecked(noisy_pair, monkeypatch):
+    cand, cham = noisy_pair
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(metrics, "paired_bootstrap", boom)
+    d = decide(cand, cham, WEIGHTS, GateConfig(bootstrap_resamples=20))
+    assert d.ci_low is None and d.ci_problem == "the bootstrap failed: out of memory"
+    assert not decide(cand, cham, WEIGHTS, GateConfig(bootstrap_resamples=20, missing_ci="block")).release
+
+
+@pytest.mark.parametrize("metric", ["rougeL_f1", "rougeL_recall"])
+def test_weights_on_every_rouge_l_metric_get_an_interval(noisy_pair, metric):
+    cand, cham = noisy_pair
+    weights = {"bleu4": 0.5, metric: 0.5}
+    d = decide(cand, cham, weights, GateConfig(bootstrap_resamples=50))
+    assert d.ci_low is not None and d.ci_problem is None and d.ci_low <= d.delta <= d.ci_high
+
+
+def test_config_rejects_a_weight_no_bootstrap_can_resample():
+    with pytest.raises(ConfigError, match="config field 'eval.weights': key 'meteor' is not one of"):
+        load_config(overrides={"eval.weights": {"bleu4": 0.5, "meteor": 0.5}})
 
 
 # --------------------------------------------------------------------------------------------------- table

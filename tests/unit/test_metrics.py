@@ -186,8 +186,26 @@ def test_bootstrap_deterministic_with_seed():
 
 
 def test_bootstrap_rejects_unknown_metric():
-    with pytest.raises(ValueError, match="rougeL_f1"):
-        metrics.paired_bootstrap(HYPS, HYPS, REFS, {"rougeL_f1": 1.0}, n_resamples=10)
+    with pytest.raises(ValueError, match="'meteor' cannot be bootstrapped"):
+        metrics.paired_bootstrap(HYPS, HYPS, REFS, {"meteor": 1.0}, n_resamples=10)
+
+
+@pytest.mark.parametrize("metric", ["rougeL_recall", "rougeL_f1", "rougeL_precision"])
+def test_bootstrap_resamples_every_rouge_l_column(metric):
+    """Each ROUGE-L metric the weights may name is bootstrapped on its own column: the full-set delta equals the
+    difference of the corpus scores, and an answer that adds words moves recall and precision apart."""
+    refs, good, bad = _synthetic(40, 3)
+    longer = [g + " and some more words here" for g in good]
+    out = metrics.paired_bootstrap(longer, bad, refs, {metric: 1.0}, n_resamples=200, seed=3)
+    want = metrics.corpus_scores(longer, refs)[metric] - metrics.corpus_scores(bad, refs)[metric]
+    assert out["delta"] == pytest.approx(want, abs=1e-12)
+    assert out["ci_low"] <= out["delta"] <= out["ci_high"]
+
+
+def test_every_weightable_metric_is_a_config_choice():
+    from tasks.config import WEIGHT_METRICS
+
+    assert set(metrics.WEIGHTABLE) == set(WEIGHT_METRICS)
 
 
 def test_bootstrap_speed_500_examples_1000_resamples():

@@ -53,6 +53,8 @@ async function rate(id, value, box, button) {
   if (r.ok) {
     box.querySelectorAll("button").forEach((b) => b.classList.remove("on"));
     button.classList.add("on");
+  } else if (r.status === 429) {
+    setStatus("Too many ratings from here; try again in a minute");
   }
 }
 
