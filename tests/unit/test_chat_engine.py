@@ -31,15 +31,20 @@ QUESTIONS = [
 MAX_NEW = [14, 9, 14, 5, 14, 12, 14, 7]  # different lengths: rows leave at different steps
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_base_model):
+def load_tiny(model_dir, questions: list[str]) -> tuple:
+    """(tokenizer, float32 model, one rendered single-turn prompt per question) of the tiny test model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_base_model)
-    model = AutoModelForCausalLM.from_pretrained(tiny_base_model, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                             add_generation_prompt=True) for q in QUESTIONS]
+                                             add_generation_prompt=True) for q in questions]
     return tokenizer, model, prompts
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_base_model):
+    return load_tiny(tiny_base_model, QUESTIONS)
 
 
 def reference(tokenizer, model, prompts) -> list[list[int]]:

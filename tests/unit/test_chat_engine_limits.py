@@ -19,6 +19,7 @@ pytest.importorskip("transformers")
 from tasks.chat import static_cache as static  # noqa: E402
 from tasks.chat.engine import Call, Generator, Job, ModelHandle, QueueFull  # noqa: E402
 from tasks.ml import generation  # noqa: E402
+from tests.unit.test_chat_engine import load_tiny  # noqa: E402
 
 QUESTIONS = ["Where is my order?", "cancel my subscription", "hi", "Do you ship to Canada?",
              "How do I change the shipping address on my account?", "I want a refund for the broken headphones.",
@@ -27,13 +28,7 @@ QUESTIONS = ["Where is my order?", "cancel my subscription", "hi", "Do you ship 
 
 @pytest.fixture(scope="module")
 def loaded(tiny_base_model):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_base_model)
-    model = AutoModelForCausalLM.from_pretrained(tiny_base_model, dtype=torch.float32).eval()
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                             add_generation_prompt=True) for q in QUESTIONS]
-    return tokenizer, model, prompts
+    return load_tiny(tiny_base_model, QUESTIONS)
 
 
 def finish(job: Job, timeout: float = 120) -> tuple:
