@@ -44,7 +44,7 @@ def questions(n: int = 200) -> list[str]:
 
 
 def one_chat(session, url: str, question: str) -> dict:
-    """One streamed reply: {'ok', 'ttft', 'seconds', 'tokens', 'version'}."""
+    """One streamed reply: {'ok', 'ttft', 'seconds', 'tokens', 'conversation'}."""
     t0 = time.perf_counter()
     conv = session.post(f"{url}/api/conversations", json={}, timeout=30)
     if conv.status_code != 201:
@@ -70,8 +70,8 @@ def one_chat(session, url: str, question: str) -> dict:
         return {"ok": False, "error": "stream ended without a done event"}
     # ttft None: the reply had no visible text (whitespace only), so there was no first token to see
     return {"ok": True, "ttft": ttft,
-            "seconds": time.perf_counter() - t1, "tokens": done["completion_tokens"], "version": done["model_version"],
-            "total": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t1, "tokens": done["completion_tokens"],
+            "conversation": c["conversation_id"], "total": time.perf_counter() - t0}
 
 
 def run_level(url: str, clients: int, seconds: float, qs: list[str], reload_at: float | None = None,
@@ -117,8 +117,23 @@ def run_level(url: str, clients: int, seconds: float, qs: list[str], reload_at: 
             "ttft_p50_ms": _pct(ttfts, 50), "ttft_p95_ms": _pct(ttfts, 95),
             "aggregate_tokens_per_s": tokens / wall, "per_stream_tokens_per_s": statistics.median(stream_tps)
             if stream_tps else 0.0, "reload_http": reload_status,
-            "versions": sorted({r["version"] for r in ok}),
+            "versions": served_versions(url, [r["conversation"] for r in ok], admin_token),
             "error_samples": [r["error"] for r in results if not r["ok"]][:5]}
+
+
+def served_versions(url: str, conversation_ids: list[str], admin_token: str | None) -> list[str]:
+    """The model versions that served the level's replies (a reload may swap one in), from the admin API: the public
+    one does not name them. Looked up after the level's clock stopped, so the lookups cost none of its figures."""
+    import requests
+
+    if not admin_token:
+        return ["unknown (no admin token)"]
+    session, versions = requests.Session(), set()
+    for cid in dict.fromkeys(conversation_ids):
+        r = session.get(f"{url}/admin/conversations/{cid}", headers={"Authorization": f"Bearer {admin_token}"},
+                        timeout=30)
+        versions.add(str(r.json()["model_version"]) if r.status_code == 200 else f"unknown (HTTP {r.status_code})")
+    return sorted(versions)
 
 
 def _pct(values: list[float], p: int) -> float:

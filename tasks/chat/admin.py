@@ -1,6 +1,7 @@
-"""Admin endpoints: hot reload of the served models, and conversations pinned to one of them (the deploy step's
-smoke test of a canary). Bearer token from $ECB_CHAT_ADMIN_TOKEN (read per request), compared in constant time;
-without a configured token every admin call is refused."""
+"""Admin endpoints: hot reload of the served models, conversations pinned to one of them (the deploy step's smoke
+test of a canary), and a conversation with the model version of each message (the public API never names it).
+Bearer token from $ECB_CHAT_ADMIN_TOKEN (read per request), compared in constant time; without a configured token
+every admin call is refused."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import logging
 from flask import Blueprint, current_app, jsonify, request
 
 from tasks import env
+from tasks.chat import store
 from tasks.chat.api import ApiError, conversation_on
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
@@ -59,3 +61,14 @@ def pinned_conversation():
     if handle is None:
         raise ApiError(409, f"no {arm} model is being served")
     return conversation_on(handle)
+
+
+@bp.get("/conversations/<conversation_id>")
+def conversation(conversation_id: str):
+    """Any conversation with its model version and each message's: for people and simulated users that need to know
+    which canary arm served a reply (the public API keeps that from clients, who could steer the verdict with it)."""
+    require_admin()
+    conv = store.conversation(conversation_id, reveal=True) if store.plausible_id(conversation_id) else None
+    if conv is None:
+        raise ApiError(404, "conversation not found")
+    return jsonify(conv)

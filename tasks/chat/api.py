@@ -119,6 +119,7 @@ def _model_json(h, arm: str) -> dict:
     i = h.info
     return {"version": h.version, "name": i.get("name"), "alias": arm if i.get("name") else i.get("alias"),
             "uri": i.get("uri"), "base_model": i.get("base_model"),
+            "base_model_source": i.get("base_model_source"), "base_model_license": i.get("base_model_license"),
             "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(h.loaded_at)),
             "lineage": {"dag_run_id": i.get("run_id"), "snapshot_id": i.get("snapshot_id"),
                         "gate_decision": i.get("gate_decision")}}
@@ -146,7 +147,10 @@ def conversation_on(h, ids: tuple[str, str] | None = None, reveal: bool = True):
 @bp.get("/api/conversations/<conversation_id>")
 def get_conversation(conversation_id: str):
     _owned(conversation_id)
-    return jsonify(store.conversation(conversation_id))
+    conv = store.conversation(conversation_id)
+    if conv is None:  # deleted since _owned read it
+        raise ApiError(404, "conversation not found")
+    return jsonify(conv)
 
 
 def _message_text(body: dict) -> str:
@@ -245,7 +249,8 @@ class Turn:
                  self.stored["latency_ms"], reason, job.handle.version)
 
     def sse(self):
-        yield _event("start", {"user_message": self.user, "model_version": self.job.handle.version})
+        # No model version here or in any public message: a client that knows its canary arm can steer the verdict.
+        yield _event("start", {"user_message": self.user})
         try:
             for _, text in self.events():
                 yield _event("token", {"text": text})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 
 def _json(schema: dict, description: str) -> dict:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
@@ -24,25 +26,47 @@ def _errors(*codes: int) -> dict:
 
 
 MAX_CHARS = 2000  # replaced by chat.max_message_chars in spec()
+MESSAGE = {
+    "type": "object", "required": ["id", "role", "content", "created_at"],
+    "properties": {
+        "id": {"type": "integer"}, "role": {"type": "string", "enum": ["user", "assistant"]},
+        "content": {"type": "string"}, "created_at": {"type": "string"},
+        "latency_ms": NULLABLE_NUM, "ttft_ms": NULLABLE_NUM,
+        "prompt_tokens": {"type": "integer", "nullable": True},
+        "completion_tokens": {"type": "integer", "nullable": True}, "finish_reason": NULLABLE_STR,
+        "rating": {"type": "integer", "nullable": True, "enum": [1, -1, None]}},
+    # closed: the fuzz test then fails a public answer that names a model version (a client that knows its canary
+    # arm can steer the verdict); only the /admin schemas below carry it
+    "additionalProperties": False}
+CONVERSATION = {
+    "type": "object", "required": ["id", "created_at", "messages"],
+    "properties": {"id": {"type": "string"}, "created_at": {"type": "string"},
+                   "messages": {"type": "array", "items": {"$ref": "#/components/schemas/Message"}}},
+    "additionalProperties": False}
+NEW_CONVERSATION = {
+    "type": "object", "required": ["conversation_id", "client_token"],
+    "properties": {"conversation_id": {"type": "string"}, "client_token": {"type": "string"}},
+    "additionalProperties": False}
+
+
+def _versioned(schema: dict, message_ref: str | None = None) -> dict:
+    """``schema`` plus its model_version (required, null when none was loaded): the admin API's answers."""
+    out = copy.deepcopy(schema)
+    out["properties"]["model_version"] = NULLABLE_STR
+    out["required"] = [*out["required"], "model_version"]
+    if message_ref:
+        out["properties"]["messages"]["items"] = {"$ref": f"#/components/schemas/{message_ref}"}
+    return out
+
+
 SCHEMAS = {
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
-    "Message": {
-        "type": "object", "required": ["id", "role", "content", "created_at"],
-        "properties": {
-            "id": {"type": "integer"}, "role": {"type": "string", "enum": ["user", "assistant"]},
-            "content": {"type": "string"}, "model_version": NULLABLE_STR, "created_at": {"type": "string"},
-            "latency_ms": NULLABLE_NUM, "ttft_ms": NULLABLE_NUM,
-            "prompt_tokens": {"type": "integer", "nullable": True},
-            "completion_tokens": {"type": "integer", "nullable": True}, "finish_reason": NULLABLE_STR,
-            "rating": {"type": "integer", "nullable": True, "enum": [1, -1, None]}}},
-    "Conversation": {
-        "type": "object", "required": ["id", "created_at", "messages"],
-        "properties": {"id": {"type": "string"}, "created_at": {"type": "string"}, "model_version": NULLABLE_STR,
-                       "messages": {"type": "array", "items": {"$ref": "#/components/schemas/Message"}}}},
-    "NewConversation": {
-        "type": "object", "required": ["conversation_id", "client_token"],
-        "properties": {"conversation_id": {"type": "string"}, "client_token": {"type": "string"},
-                       "model_version": NULLABLE_STR}},
+    "Message": MESSAGE,
+    "Conversation": CONVERSATION,
+    "NewConversation": NEW_CONVERSATION,
+    "AdminMessage": _versioned(MESSAGE),
+    "AdminConversation": _versioned(CONVERSATION, "AdminMessage"),
+    "PinnedConversation": _versioned(NEW_CONVERSATION),
     "SendMessage": {
         "type": "object", "required": ["content"],
         "properties": {"content": {"type": "string", "minLength": 1, "maxLength": MAX_CHARS,
@@ -52,9 +76,13 @@ SCHEMAS = {
     "Reply": {
         "type": "object", "required": ["user_message", "message"],
         "properties": {"user_message": {"$ref": "#/components/schemas/Message"},
-                       "message": {"$ref": "#/components/schemas/Message"}}},
+                       "message": {"$ref": "#/components/schemas/Message"}},
+        "additionalProperties": False},
     "Feedback": {"type": "object", "required": ["rating"],
                  "properties": {"rating": {"type": "integer", "enum": [1, -1]}}},
+    "FeedbackStored": {"type": "object", "required": ["message_id", "rating"], "additionalProperties": False,
+                       "properties": {"message_id": {"type": "integer"},
+                                      "rating": {"type": "integer", "enum": [1, -1]}}},
     "ModelInfo": {
         "type": "object", "required": ["ready", "version", "reload", "queued"],
         "properties": {"ready": {"type": "boolean"}, "version": NULLABLE_STR, "name": NULLABLE_STR,
@@ -67,12 +95,9 @@ SCHEMAS = {
 
 
 def spec(max_message_chars: int = MAX_CHARS) -> dict:
-    import copy
-
     schemas = copy.deepcopy(SCHEMAS)
     schemas["SendMessage"]["properties"]["content"]["maxLength"] = max_message_chars
-    # One Server-Sent Event; its data is JSON: start {user_message, model_version}, token {text}, done {message},
-    # error {error}.
+    # One Server-Sent Event; its data is JSON: start {user_message}, token {text}, done {message}, error {error}.
     sse = {"text/event-stream": {"schema": {
         "type": "object", "required": ["event", "data"],
         "properties": {"event": {"type": "string", "enum": ["start", "token", "done", "error"]},
@@ -105,14 +130,20 @@ def spec(max_message_chars: int = MAX_CHARS) -> dict:
                             "schema": {"type": "integer", "minimum": 0}}, TOKEN],
             "requestBody": {"required": True, "content": {"application/json": {
                 "schema": {"$ref": "#/components/schemas/Feedback"}}}},
-            "responses": {"200": _json({"type": "object"}, "Stored"), **_errors(400, 404, 429)}}},
+            "responses": {"200": _json({"$ref": "#/components/schemas/FeedbackStored"}, "Stored"),
+                          **_errors(400, 404, 429)}}},
         "/admin/conversations": {"post": {
             "summary": "A conversation pinned to the champion or the candidate (the deploy step's smoke test)",
             "security": [{"admin": []}],
             "requestBody": {"required": False, "content": {"application/json": {"schema": {
                 "type": "object", "properties": {"arm": {"type": "string", "enum": ["champion", "candidate"]}}}}}},
-            "responses": {"201": _json({"$ref": "#/components/schemas/NewConversation"}, "Created"),
+            "responses": {"201": _json({"$ref": "#/components/schemas/PinnedConversation"}, "Created"),
                           **_errors(400, 401, 409)}}},
+        "/admin/conversations/{conversation_id}": {"get": {
+            "summary": "Any conversation with the model version of it and of each message (people, simulated users)",
+            "security": [{"admin": []}], "parameters": [CONV_ID],
+            "responses": {"200": _json({"$ref": "#/components/schemas/AdminConversation"}, "History"),
+                          **_errors(401, 404)}}},
         "/admin/reload": {"post": {
             "summary": "Load what the registry aliases say (champion, candidate) or only model_uri, then swap it in",
             "security": [{"admin": []}],

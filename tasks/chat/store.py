@@ -40,10 +40,15 @@ def owns(conversation_id: str, token: str | None) -> bool:
     return owned(conversation_id, token) is not None
 
 
+def plausible_id(conversation_id: str) -> bool:
+    """Could be an id we issued: short printable ASCII (a NUL or a megabyte of text never reaches the database)."""
+    return bool(conversation_id) and len(conversation_id) <= 64 and conversation_id.isascii() \
+        and conversation_id.isprintable()
+
+
 def owned(conversation_id: str, token: str | None) -> dict | None:
     """{"model_version": ...} of the conversation when the token is the one issued with it, else None."""
-    if not token or not conversation_id or len(conversation_id) > 64 or not conversation_id.isascii() \
-            or not conversation_id.isprintable():
+    if not token or not plausible_id(conversation_id):
         return None
     with db.engine().connect() as conn:
         row = conn.execute(select(C.c.client_token_hash, C.c.model_version).where(C.c.id == conversation_id)).first()
@@ -52,18 +57,27 @@ def owned(conversation_id: str, token: str | None) -> dict | None:
     return {"model_version": row.model_version}
 
 
-def conversation(conversation_id: str) -> dict:
+def conversation(conversation_id: str, reveal: bool = False) -> dict | None:
+    """The conversation and its messages, None when there is none; ``reveal``: with the model version of each (the
+    admin API only: a client that knows its canary arm can steer the verdict)."""
     with db.engine().connect() as conn:
-        conv = conn.execute(select(C).where(C.c.id == conversation_id)).mappings().one()
+        conv = conn.execute(select(C).where(C.c.id == conversation_id)).mappings().first()
+        if conv is None:
+            return None
         rows = conn.execute(select(M, F.c.rating).select_from(M.outerjoin(F, F.c.message_id == M.c.id))
                             .where(M.c.conversation_id == conversation_id).order_by(M.c.id)).mappings().all()
-    return {"id": conv["id"], "created_at": conv["created_at"].isoformat(), "model_version": conv["model_version"],
-            "messages": [message_json(r) for r in rows]}
+    out = {"id": conv["id"], "created_at": conv["created_at"].isoformat(),
+           "messages": [message_json(r, reveal) for r in rows]}
+    if reveal:
+        out["model_version"] = conv["model_version"]
+    return out
 
 
-def message_json(r) -> dict:
-    out = {"id": r["id"], "role": r["role"], "content": r["content"], "model_version": r["model_version"],
-           "created_at": r["created_at"].isoformat()}
+def message_json(r, reveal: bool = False) -> dict:
+    """A message as the API shows it; the model version only with ``reveal`` (see ``conversation``)."""
+    out = {"id": r["id"], "role": r["role"], "content": r["content"], "created_at": r["created_at"].isoformat()}
+    if reveal:
+        out["model_version"] = r["model_version"]
     if r["role"] == "assistant":
         out.update(latency_ms=r["latency_ms"], ttft_ms=r["ttft_ms"], prompt_tokens=r["prompt_tokens"],
                    completion_tokens=r["completion_tokens"], finish_reason=r["finish_reason"],

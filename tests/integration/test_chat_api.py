@@ -61,6 +61,18 @@ def stored_messages(cid: str) -> list[dict]:
         return [dict(r) for r in conn.execute(select(m).where(m.c.conversation_id == cid).order_by(m.c.id)).mappings()]
 
 
+def revealed(client, cid: str) -> dict:
+    """The conversation as the admin API shows it: with its model version and each message's."""
+    r = client.get(f"/admin/conversations/{cid}", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 200, r.get_json()
+    return r.get_json()
+
+
+def reply_version(client, cid: str, message_id: int) -> str | None:
+    """The model version that wrote the message, from the admin API (the public answers do not name it)."""
+    return next(m["model_version"] for m in revealed(client, cid)["messages"] if m["id"] == message_id)
+
+
 def test_health_ready_model_and_openapi(client, tiny_base_model):
     assert client.get("/healthz").get_json() == {"status": "ok"}
     ready = client.get("/readyz")
@@ -195,7 +207,7 @@ def test_control_tokens_are_plain_text(client, app):
     assert r.status_code == 200 and stored_messages(cid)[0]["content"] == text
 
 
-def test_feedback_is_stored_with_the_model_version(client):
+def test_feedback_is_stored_with_the_model_version(client, tiny_base_model):
     cid, auth = new_conversation(client)
     reply = client.post(f"/api/conversations/{cid}/messages", json={"content": "cancel my order"},
                         headers=auth).get_json()
@@ -205,7 +217,9 @@ def test_feedback_is_stored_with_the_model_version(client):
     f = schema.feedback
     with db.engine().connect() as conn:
         rows = conn.execute(select(f).where(f.c.message_id == mid)).mappings().all()
-    assert len(rows) == 1 and rows[0]["rating"] == -1 and rows[0]["model_version"] == reply["message"]["model_version"]
+    replied = stored_messages(cid)[-1]  # the reply as stored: the version that wrote it
+    assert replied["id"] == mid and replied["model_version"] == f"local:{tiny_base_model.name}"
+    assert len(rows) == 1 and rows[0]["rating"] == -1 and rows[0]["model_version"] == replied["model_version"]
     assert client.get(f"/api/conversations/{cid}", headers=auth).get_json()["messages"][1]["rating"] == -1
     assert client.post(f"/api/messages/{mid}/feedback", json={"rating": 5}, headers=auth).status_code == 400
     assert client.post(f"/api/messages/{user_mid}/feedback", json={"rating": 1}, headers=auth).status_code == 404
@@ -267,9 +281,10 @@ def test_reload_under_concurrent_chats_loses_nothing(services, tiny_base_model, 
                    headers=auth)
         if r.mimetype == "text/event-stream":
             events = sse_events(r.data)
+            message = events[-1][1].get("message")
             return (r.status_code if events[-1][0] == "done" else 599,
-                    events[-1][1].get("message", {}).get("model_version"), started)
-        return r.status_code, r.get_json()["message"]["model_version"], started
+                    message and reply_version(c, cid, message["id"]), started)
+        return r.status_code, reply_version(c, cid, r.get_json()["message"]["id"]), started
 
     stop = threading.Event()
     results: list[tuple[int, str | None, float]] = []
@@ -309,6 +324,22 @@ def wait_reload(state) -> None:
         threading.Event().wait(0.05)
 
 
+def canary_app(tiny_base_model, tmp_path):
+    """(app, champion version, candidate version): the tiny model as champion and a copy as candidate, each given
+    half the new conversations. Needs ECB_CHAT_ADMIN_TOKEN set to ADMIN."""
+    from tasks.chat.serving import Target
+
+    v2 = tmp_path / "tiny-v2"
+    shutil.copytree(tiny_base_model, v2)
+    app = make_app(tiny_base_model, rate_limit_per_minute=10000, create_limit_per_minute=10000, max_new_tokens=4)
+    state = app.extensions["ecb_model"]
+    state.planner = lambda cfg: [Target("champion", str(tiny_base_model)), Target("candidate", str(v2), share=0.5)]
+    assert app.test_client().post("/admin/reload", json={}, headers={"Authorization": f"Bearer {ADMIN}"}
+                                  ).status_code == 202
+    wait_reload(state)
+    return app, f"local:{tiny_base_model.name}", "local:tiny-v2"
+
+
 def test_canary_serves_its_share_sticky_per_conversation_and_a_rollback_loses_nothing(services, tiny_base_model,
                                                                                      tmp_path, monkeypatch):
     """Two models in one process: new conversations go to the candidate with its share and stay on their version;
@@ -318,14 +349,8 @@ def test_canary_serves_its_share_sticky_per_conversation_and_a_rollback_loses_no
 
     monkeypatch.setenv("ECB_CHAT_ADMIN_TOKEN", ADMIN)
     admin = {"Authorization": f"Bearer {ADMIN}"}
-    v2 = tmp_path / "tiny-v2"
-    shutil.copytree(tiny_base_model, v2)
-    app = make_app(tiny_base_model, rate_limit_per_minute=10000, create_limit_per_minute=10000, max_new_tokens=4)
+    app, champion, candidate = canary_app(tiny_base_model, tmp_path)
     state, client = app.extensions["ecb_model"], app.test_client()
-    champion, candidate = f"local:{tiny_base_model.name}", "local:tiny-v2"
-    state.planner = lambda cfg: [Target("champion", str(tiny_base_model)), Target("candidate", str(v2), share=0.5)]
-    assert client.post("/admin/reload", json={}, headers=admin).status_code == 202
-    wait_reload(state)
     info = client.get("/api/model").get_json()
     assert info["version"] == champion and info["alias"] is None and state.reload_state["state"] == "idle"
     assert info["candidate"]["version"] == candidate and info["candidate"]["share"] == 0.5
@@ -336,7 +361,8 @@ def test_canary_serves_its_share_sticky_per_conversation_and_a_rollback_loses_no
         for turn in range(2):
             r = client.post(f"/api/conversations/{cid}/messages", json={"content": f"order {i}.{turn}"}, headers=auth)
             assert r.status_code == 200
-        convs.append((cid, auth, client.get(f"/api/conversations/{cid}", headers=auth).get_json()))
+        assert client.get(f"/api/conversations/{cid}", headers=auth).status_code == 200
+        convs.append((cid, auth, revealed(client, cid)))
     on = {c["model_version"] for _, _, c in convs}
     assert on == {champion, candidate}
     assert 6 <= sum(c["model_version"] == candidate for _, _, c in convs) <= 34  # binomial(40, 0.5), p > 0.9999
@@ -348,7 +374,7 @@ def test_canary_serves_its_share_sticky_per_conversation_and_a_rollback_loses_no
     pinned = r.get_json()
     reply = client.post(f"/api/conversations/{pinned['conversation_id']}/messages", json={"content": "hi"},
                         headers={"X-Client-Token": pinned["client_token"]}).get_json()
-    assert reply["message"]["model_version"] == candidate
+    assert reply_version(client, pinned["conversation_id"], reply["message"]["id"]) == candidate
     assert client.post("/admin/conversations", json={"arm": "x"}, headers=admin).status_code == 400
     assert client.post("/admin/conversations", json={"arm": "candidate"}).status_code == 401
 
@@ -361,7 +387,8 @@ def test_canary_serves_its_share_sticky_per_conversation_and_a_rollback_loses_no
         while not stop.is_set():
             cid, auth = new_conversation(c)
             r = c.post(f"/api/conversations/{cid}/messages", json={"content": f"late {n}"}, headers=auth)
-            results.append((r.status_code, r.get_json()["message"]["model_version"] if r.status_code == 200 else None))
+            results.append((r.status_code, reply_version(c, cid, r.get_json()["message"]["id"])
+                            if r.status_code == 200 else None))
 
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(load_loop, n) for n in range(4)]
@@ -380,7 +407,52 @@ def test_canary_serves_its_share_sticky_per_conversation_and_a_rollback_loses_no
     assert client.get("/api/model").get_json()["candidate"] is None
     cid, auth, conv = next(c for c in convs if c[2]["model_version"] == candidate)
     r = client.post(f"/api/conversations/{cid}/messages", json={"content": "still there?"}, headers=auth)
-    assert r.status_code == 200 and r.get_json()["message"]["model_version"] == champion
+    assert r.status_code == 200 and reply_version(client, cid, r.get_json()["message"]["id"]) == champion
+
+
+def public_answers(client, cid: str, auth: dict) -> list[tuple[str, int, bytes]]:
+    """(what, status, body) of every public call a client makes in a conversation: a reply whole and one streamed,
+    the history, a thumbs-down."""
+    whole = client.post(f"/api/conversations/{cid}/messages", json={"content": "where is my order"}, headers=auth)
+    streamed = client.post(f"/api/conversations/{cid}/messages", json={"content": "thanks", "stream": True},
+                           headers=auth)
+    history = client.get(f"/api/conversations/{cid}", headers=auth)
+    rated = client.post(f"/api/messages/{whole.get_json()['message']['id']}/feedback", json={"rating": -1},
+                        headers=auth)
+    return [(what, r.status_code, r.data) for what, r in
+            (("send", whole), ("stream", streamed), ("history", history), ("feedback", rated))]
+
+
+def test_no_public_answer_names_a_canary_arm_but_the_admin_api_does(services, tiny_base_model, tmp_path,
+                                                                      monkeypatch):
+    """A client that knows which arm its conversation is on can steer the verdict (keep or rate only one arm's):
+    during a canary no public answer names a model version, while GET /admin/conversations/<id> names the one the
+    database holds for the conversation and for each of its messages."""
+    monkeypatch.setenv("ECB_CHAT_ADMIN_TOKEN", ADMIN)
+    app, champion, candidate = canary_app(tiny_base_model, tmp_path)
+    client, answers, on = app.test_client(), [], {}
+    while len(on) < 2 and len(answers) < 60 * 5:  # until both arms have a conversation (all 60 on one: p = 2**-59)
+        r = client.post("/api/conversations", json={})
+        cid, auth = r.get_json()["conversation_id"], {"X-Client-Token": r.get_json()["client_token"]}
+        answers += [("create", r.status_code, r.data), *public_answers(client, cid, auth)]
+        with db.engine().connect() as conn:
+            on.setdefault(conn.execute(select(schema.conversations.c.model_version)
+                                       .where(schema.conversations.c.id == cid)).scalar_one(), cid)
+    assert set(on) == {champion, candidate}
+    assert [what for what, code, _ in answers if code not in (200, 201)] == []
+    for what, _, body in answers:
+        assert b"model_version" not in body and champion.encode() not in body and candidate.encode() not in body, \
+            (what, body[:300])
+    for version, cid in on.items():
+        conv, rows = revealed(client, cid), stored_messages(cid)
+        assert conv["id"] == cid and conv["model_version"] == version
+        assert [(m["id"], m["role"], m["model_version"]) for m in conv["messages"]] == \
+            [(m["id"], m["role"], version) for m in rows] and len(rows) == 4
+        assert conv["messages"][1]["rating"] == -1
+    assert client.get(f"/admin/conversations/{cid}").status_code == 401
+    assert client.get(f"/admin/conversations/{cid}", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/admin/conversations/no-such-id", headers={"Authorization": f"Bearer {ADMIN}"}
+                      ).status_code == 404
 
 
 def test_a_candidate_that_cannot_load_leaves_the_champion_serving(services, tiny_base_model, tmp_path):

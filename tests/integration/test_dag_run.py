@@ -3,6 +3,7 @@
 Sizes come from tests/ecb_test_config.yaml (3 HPO trials, short fine-tune) and the tiny demo-style base model.
 """
 
+import os
 import shutil
 
 import pytest
@@ -114,7 +115,12 @@ def check_release_and_deploy(dagrun):
     reply = requests.post(f"{url}/api/conversations/{conv['conversation_id']}/messages",
                           json={"content": "How do I return an item?"},
                           headers={"X-Client-Token": conv["client_token"]}, timeout=60)
-    assert reply.status_code == 200 and reply.json()["message"]["model_version"] == version
+    assert reply.status_code == 200
+    # the public answer does not name the version (a canary arm); the admin API does, for the reply too
+    conv = requests.get(f"{url}/admin/conversations/{conv['conversation_id']}", timeout=10,
+                        headers={"Authorization": f"Bearer {os.environ['ECB_CHAT_ADMIN_TOKEN']}"}).json()
+    assert conv["model_version"] == version
+    assert next(m for m in conv["messages"] if m["id"] == reply.json()["message"]["id"])["model_version"] == version
     info = requests.get(f"{url}/api/model", timeout=10).json()
     assert info["lineage"]["dag_run_id"] == dagrun.run_id and info["lineage"]["gate_decision"]["release"] is True
     with db.engine().connect() as conn:

@@ -346,3 +346,48 @@ def test_simulated_users_rate_by_version_deterministically():
     assert ref(random.Random(0), {**good, "content": ""}, "help track your order") == -1
     assert ref(random.Random(0), {**good, "finish_reason": "error"}, "help track your order") == -1
     assert ref(random.Random(0), {**good, "content": "something unrelated entirely"}, "help track your order") == -1
+
+
+def fake_chat_service(monkeypatch) -> list[tuple[str, str]]:
+    """``traffic.Client.call`` against an in-memory chat service: conversation n lands on version 1 + n % 2, which
+    only ``GET /admin/conversations/<id>`` with the bearer token "adm" tells (the public answers do not, as the real
+    service's). Returns the (method, path) of every call."""
+    import urllib.error
+
+    from tasks.demo import traffic
+
+    calls: list[tuple[str, str]] = []
+
+    def call(self, path, body, token=None, method="POST", headers=None):
+        calls.append((method, path))
+        n = len([c for c in calls if c == ("POST", "/api/conversations")]) - 1
+        if path == "/api/conversations":
+            return {"conversation_id": f"c{n}", "client_token": "t"}
+        if path.endswith("/messages"):
+            return {"user_message": {}, "message": {"id": n, "content": "track your order", "finish_reason": "stop"}}
+        if path.startswith("/admin/conversations/"):
+            if (headers or {}).get("Authorization") != "Bearer adm":
+                raise urllib.error.HTTPError(path, 401, "admin token required", None, None)
+            return {"model_version": str(1 + int(path.rsplit("/c", 1)[1]) % 2), "messages": []}
+        return {}
+
+    monkeypatch.setattr(traffic.Client, "call", call)
+    return calls
+
+
+def test_simulated_users_learn_a_chats_version_only_through_the_admin_api(monkeypatch):
+    from tasks.demo import traffic
+
+    calls, qs = fake_chat_service(monkeypatch), [("where is my order", "track your order")]
+    monkeypatch.setenv("ECB_CHAT_ADMIN_TOKEN", "adm")  # the default token
+    summary = traffic.drive("http://chat", 4, traffic.by_version({"2": 1.0}, default=0.0), workers=1, qs=qs)
+    assert summary["failed"] == 0, summary["failures"]
+    assert summary["by_version"] == {"1": {"chats": 2, "up": 2, "down": 0}, "2": {"chats": 2, "up": 0, "down": 2}}
+    assert [p for m, p in calls if m == "GET"] == [f"/admin/conversations/c{n}" for n in range(4)]  # once per chat
+    calls.clear()
+    with pytest.raises(LookupError, match="admin token"):  # refused before the first chat, not 4 failed chats
+        traffic.drive("http://chat", 4, traffic.by_version({}), admin_token="", qs=qs)
+    assert calls == []
+    plain = traffic.drive("http://chat", 2, traffic.by_reference(rated=1.0), workers=1, admin_token="", qs=qs)
+    assert plain["failed"] == 0 and plain["by_version"] == {"unknown": {"chats": 2, "up": 2, "down": 0}}
+    assert not any(m == "GET" for m, _ in calls)

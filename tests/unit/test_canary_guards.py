@@ -1,10 +1,14 @@
 """What keeps one client, or too little data, from deciding a canary: the waiting task waits for rated replies on both
-arms, the public API does not name a conversation's arm, and ratings are rate-limited per address. No services: the
-store and the canary's database reads are replaced by in-memory fakes."""
+arms, the public API does not name a conversation's arm (only the admin API does), and ratings are rate-limited per
+address. No services: the store and the canary's database reads are replaced by in-memory fakes."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
+import queue
+import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -85,18 +89,68 @@ def api_app(monkeypatch):
     return app
 
 
-def test_a_client_is_not_told_which_arm_its_conversation_is_on(api_app):
-    from tasks.chat import api
+def streamed_reply(monkeypatch) -> list[tuple[str, dict]]:
+    """The events of one streamed reply by version 2 (``api.Turn.sse``), its messages stored through the real
+    ``store.message_json``."""
+    from tasks.chat import api, store
+
+    def add_message(cid, role, content, **values):
+        return store.message_json({"id": 8 if role == "user" else 9, "role": role, "content": content,
+                                   "created_at": START, "rating": None, **values})
+
+    monkeypatch.setattr(store, "add_message", add_message)
+    now = time.monotonic()
+    job = SimpleNamespace(events=queue.Queue(), cancelled=threading.Event(), sent="Hello", tokens=[4],
+                          handle=SimpleNamespace(version="2"), submitted=now, first_token_at=now, prompt_ids=[1, 2])
+    job.events.put(("token", "Hello"))
+    job.events.put(("done", {"finish_reason": "stop"}))
+    user = store.add_message("c", "user", "hi", model_version="2")
+    text = "".join(api.Turn("c", job, user, 0, timeout_s=5).sse())
+    return [(block.split("\n")[0].removeprefix("event: "), json.loads(block.split("\ndata: ")[1]))
+            for block in text.split("\n\n") if block]
+
+
+def test_a_client_is_not_told_which_arm_its_conversation_is_on(api_app, monkeypatch):
+    from tasks.chat import api, store
 
     client = api_app.test_client()
     body = client.post("/api/conversations", json={}).get_json()
     assert set(body) == {"conversation_id", "client_token"}
+    events = streamed_reply(monkeypatch)  # the stream's start and done events carry the user message and the reply
+    assert [name for name, _ in events] == ["start", "token", "done"]
+    assert events[0][1] == {"user_message": {"id": 8, "role": "user", "content": "hi", "created_at": START.isoformat()}}
+    assert events[2][1]["message"]["content"] == "Hello" and events[2][1]["message"]["finish_reason"] == "stop"
+    assert "model_version" not in json.dumps(events)
+    row = {"id": 9, "role": "assistant", "content": "ok", "created_at": START, "model_version": "2", "latency_ms": 1.0,
+           "ttft_ms": 1.0, "prompt_tokens": 3, "completion_tokens": 1, "finish_reason": "stop", "rating": -1}
+    assert "model_version" not in store.message_json(row)  # the non-stream reply and the history use this too
+    assert store.message_json(row, reveal=True) == {**store.message_json(row), "model_version": "2"}  # admin only
     r = client.post("/api/messages/7/feedback", json={"rating": -1}, headers={"X-Client-Token": "t"})
     assert r.status_code == 200 and r.get_json() == {"message_id": 7, "rating": -1}
     assert api_app.rated == [(7, -1, "2")]  # the version is still stored with the rating
     with api_app.test_request_context():  # the admin API's pinned conversation (deploy smoke test) names it
         response, code = api.conversation_on(api_app.handle, ("c2", "t2"))
     assert code == 201 and response.get_json()["model_version"] == "2"
+
+
+def test_only_the_admin_api_names_a_conversations_version(api_app, monkeypatch):
+    """GET /admin/conversations/<id>: the admin token, then the conversation as the store reveals it; 404 for an id
+    the store does not know or could never have issued."""
+    from tasks.chat import admin, store
+
+    api_app.register_blueprint(admin.bp)
+    monkeypatch.setenv("ECB_CHAT_ADMIN_TOKEN", "admin-token")
+    asked = []
+    monkeypatch.setattr(store, "conversation", lambda cid, reveal=False: asked.append((cid, reveal)) or (
+        {"id": cid, "model_version": "2", "messages": []} if cid == "c" else None))
+    client, auth = api_app.test_client(), {"Authorization": "Bearer admin-token"}
+    assert client.get("/admin/conversations/c").status_code == 401
+    assert client.get("/admin/conversations/c", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    r = client.get("/admin/conversations/c", headers=auth)
+    assert r.status_code == 200 and r.get_json() == {"id": "c", "model_version": "2", "messages": []}
+    assert client.get("/admin/conversations/other", headers=auth).status_code == 404
+    assert client.get(f"/admin/conversations/{'x' * 65}", headers=auth).status_code == 404
+    assert asked == [("c", True), ("other", True)]  # nothing asked before the token; the 65-character id never
 
 
 def test_ratings_are_rate_limited_per_address(api_app):
