@@ -308,6 +308,12 @@ class ChatConfig:
     db_pool_size: int = opt(8, "Pooled PostgreSQL connections of the chat service (its request threads share them).",
                             minimum=1, maximum=200)
     max_message_chars: int = opt(2000, "Longest accepted user message (longer -> HTTP 413).", minimum=1)
+    greeting: str = opt("Hi! I'm the shop's support assistant. Ask me about an order, a refund, delivery or your "
+                        "account.", "The line the chat page opens an empty conversation with (shown by the page, "
+                                    "not sent to the model).")
+    example_questions: list = opt(["Where is my order?", "How do I return an item for a refund?",
+                                   "Can I change the delivery address of my order?", "How do I reset my password?"],
+                                  "Questions the chat page offers under the greeting; a click sends one.")
     max_new_tokens: int = opt(160, "Tokens generated per reply (greedy).", minimum=1, maximum=4096)
     context_tokens: int = opt(0, "Prompt + reply token budget (0 = the model's max_position_embeddings); the "
                                  "oldest turns are dropped to fit.", minimum=0)

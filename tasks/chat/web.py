@@ -14,7 +14,8 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' 
 
 @bp.get("/")
 def index():
-    return render_template("index.html")
+    chat = current_app.extensions["ecb_model"].live_cfg.chat  # the live config: a reload may change the texts
+    return render_template("index.html", greeting=chat.greeting, examples=chat.example_questions)
 
 
 def install_headers(app) -> None:

@@ -68,18 +68,77 @@ def wait_for_dag(s: dict, timeout: float = 180) -> None:
 
 
 def trigger_and_wait(s: dict, conf: dict, timeout: float) -> dict:
+    """Start a run of the training DAG and follow it to the end, printing its task states as they change.
+
+    Unpausing the DAG makes the scheduler start a run of its own (the nightly schedule's latest interval, catchup
+    off), and with max_active_runs=1 a triggered run would wait for it to train first: without a conf of its own the
+    demo follows that run instead of queueing a second one behind it."""
+    paused = _is_paused(s)
     stack.airflow_cli(s, "dags", "unpause", DAG_ID)
-    runs = _airflow_json(s, "dags", "trigger", DAG_ID, "--conf", json.dumps(conf))
-    run_id = runs[0]["dag_run_id"] if runs and "dag_run_id" in runs[0] else runs[0]["run_id"]
-    print(f"triggered {DAG_ID} run {run_id}; waiting for the scheduler ...", flush=True)
-    deadline, last = time.monotonic() + timeout, None
+    run_id = adopt_scheduled_run(s) if paused and not any(conf.values()) else None
+    if run_id:
+        print(f"following {DAG_ID} run {run_id}: the scheduler started it when the DAG was unpaused (its nightly "
+              "schedule), so no second run is triggered", flush=True)
+    else:
+        runs = _airflow_json(s, "dags", "trigger", DAG_ID, "--conf", json.dumps(conf))
+        run_id = runs[0]["dag_run_id"] if runs and "dag_run_id" in runs[0] else runs[0]["run_id"]
+        print(f"triggered {DAG_ID} run {run_id}; waiting for the scheduler ...", flush=True)
+    return follow_run(s, run_id, timeout)
+
+
+def _is_paused(s: dict) -> bool:
+    dag = next((d for d in _airflow_json(s, "dags", "list") if d.get("dag_id") == DAG_ID), {})
+    return str(dag.get("is_paused", True)).lower() == "true"
+
+
+def adopt_scheduled_run(s: dict, wait_s: float = 30) -> str | None:
+    """The run the scheduler starts right after an unpause, if one comes within ``wait_s``."""
+    deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        run = next((r for r in _airflow_json(s, "dags", "list-runs", DAG_ID) if r.get("run_id") == run_id), {})
+        active = active_runs(_airflow_json(s, "dags", "list-runs", DAG_ID))
+        if active:
+            return active[0]["run_id"]
+        time.sleep(3)
+    return None
+
+
+def active_runs(runs: list[dict]) -> list[dict]:
+    """Queued or running runs, the one that started first first."""
+    return sorted((r for r in runs if r.get("state") in ("queued", "running")),
+                  key=lambda r: (r.get("state") != "running", str(r.get("start_date") or r.get("run_after") or "")))
+
+
+def task_progress(before: dict[str, str], rows: list[dict]) -> tuple[dict[str, str], list[str]]:
+    """(task states now, one line per task whose state changed) from ``airflow tasks states-for-dag-run`` rows."""
+    now = {}
+    for r in rows:
+        index = str(r.get("map_index", -1))
+        now[r["task_id"] + ("" if index in ("-1", "None", "") else f"[{index}]")] = str(r.get("state") or "none")
+    return now, [f"    {task}: {state}" for task, state in now.items() if before.get(task) != state]
+
+
+def follow_run(s: dict, run_id: str, timeout: float) -> dict:
+    """Poll ``run_id`` until it ends; print its state, and the task states of the run that is doing the work (ours,
+    or the one ours is queued behind)."""
+    deadline, last, shown, states = time.monotonic() + timeout, None, None, {}
+    while time.monotonic() < deadline:
+        runs = _airflow_json(s, "dags", "list-runs", DAG_ID)
+        run = next((r for r in runs if r.get("run_id") == run_id), {})
         if run.get("state") != last:
             print(f"  run state: {run.get('state')}", flush=True)
             last = run.get("state")
         if run.get("state") in ("success", "failed"):
             return run
+        working = run if run.get("state") == "running" else next(iter(active_runs(runs)), run)
+        if working.get("run_id") and working.get("run_id") != shown:
+            shown, states = working["run_id"], {}
+            if shown != run_id:
+                print(f"  queued behind run {shown} (max_active_runs=1); its tasks:", flush=True)
+        if shown:
+            rows = _airflow_json(s, "tasks", "states-for-dag-run", DAG_ID, shown)
+            states, lines = task_progress(states, rows)
+            if lines:
+                print("\n".join(lines), flush=True)
         time.sleep(5)
     raise stack.StackError(f"run {run_id} did not finish within {timeout:.0f}s")
 

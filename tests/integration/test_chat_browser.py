@@ -118,3 +118,22 @@ def test_a_message_sent_right_after_new_conversation_stays(browser, live_url):
     page.reload()  # the stored conversation is the new one, with the exchange in it
     page.wait_for_selector(".msg.assistant .text")
     assert page.locator(".msg .text").all_text_contents()[0] == "Can I change my delivery address?"
+
+
+def test_an_empty_conversation_greets_with_example_questions(browser, live_url):
+    """A new conversation opens with the configured greeting and example questions, not a blank page; a click on a
+    question sends it, and the greeting gives way to the conversation (it is page text: never a stored message)."""
+    chat = load_config().chat
+    page = browser.new_page()
+    page.goto(live_url)
+    page.click("#new")
+    page.wait_for_selector("#welcome:not([hidden])")
+    assert page.text_content("#welcome .greeting").strip() == chat.greeting
+    assert [t.strip() for t in page.locator("#welcome .example").all_text_contents()] == chat.example_questions
+    page.locator("#welcome .example").nth(1).click()
+    page.wait_for_selector(".msg.assistant:not(.streaming) .rate button", timeout=60000)
+    assert page.locator(".msg .text").all_text_contents()[0] == chat.example_questions[1]
+    assert page.locator("#welcome").is_hidden() and page.text_content(".msg.assistant .text").strip()
+    page.reload()  # the history has the question and the reply only
+    page.wait_for_selector(".msg.assistant .text")
+    assert page.locator(".msg").count() == 2 and page.locator("#welcome").is_hidden()

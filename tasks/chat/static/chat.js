@@ -11,6 +11,8 @@ let switching = Promise.resolve();
 function switchTo(step) { switching = switching.then(step, step); return switching; }
 
 function setStatus(text) { $("status").textContent = text; }
+// The greeting and example questions show while the conversation is empty (they are page text, not messages).
+function showWelcome() { $("welcome").hidden = $("messages").children.length > 0; }
 
 function bubble(role, text) {
   const el = document.createElement("div");
@@ -66,6 +68,7 @@ async function startConversation() {
   session = { id: data.conversation_id, token: data.client_token };
   localStorage.setItem(KEY, JSON.stringify(session));
   $("messages").replaceChildren();
+  showWelcome();
   setStatus("");
 }
 
@@ -79,6 +82,7 @@ async function loadHistory() {
     const el = bubble(m.role, m.content);
     if (m.role === "assistant") addRating(el, m);
   }
+  showWelcome();
 }
 
 async function loadModel() {
@@ -119,6 +123,7 @@ async function send(text) {
   if (!session) await switchTo(startConversation);
   if (!session) { $("send").disabled = false; return; }  // could not start one: setStatus said why
   bubble("user", text);
+  showWelcome();
   const el = bubble("assistant", "");
   el.classList.add("streaming");
   const body = el.querySelector(".text");
@@ -157,6 +162,7 @@ document.addEventListener("DOMContentLoaded", () => {
     if (ev.key === "Enter" && !ev.shiftKey) { ev.preventDefault(); $("composer").requestSubmit(); }
   });
   $("new").addEventListener("click", () => switchTo(startConversation));
+  for (const b of document.querySelectorAll("#welcome .example")) b.addEventListener("click", () => send(b.textContent));
   loadModel();
   switchTo(loadHistory);
 });
