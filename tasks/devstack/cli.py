@@ -32,7 +32,7 @@ def _print_urls(s: dict) -> None:
     print(f"Airflow UI : http://localhost:{s['airflow_port']}  (local demo: no login needed)")
     print(f"MLflow UI  : http://127.0.0.1:{s['mlflow_port']}")
     print(f"S3 endpoint: {stack.s3_endpoint(s) or 'AWS'}   credentials: {stack.state_dir() / 'stack.env'}")
-    print(f"Chat       : http://127.0.0.1:{s.get('chat_port', 8000)}  (deployed by the DAG's last task)")
+    print(f"Chat       : http://127.0.0.1:{s.get('chat_port', 8000)}  (deployed by the DAG's deploy_chat_service task)")
 
 
 def cmd_stack(args) -> int:
@@ -75,10 +75,10 @@ def trigger_and_wait(s: dict, conf: dict, timeout: float) -> dict:
     demo follows that run instead of queueing a second one behind it."""
     paused = _is_paused(s)
     stack.airflow_cli(s, "dags", "unpause", DAG_ID)
-    run_id = adopt_scheduled_run(s) if paused and not any(conf.values()) else None
+    run_id = None if any(conf.values()) else adopt_scheduled_run(s, wait_s=30 if paused else 0)
     if run_id:
-        print(f"following {DAG_ID} run {run_id}: the scheduler started it when the DAG was unpaused (its nightly "
-              "schedule), so no second run is triggered", flush=True)
+        print(f"following {DAG_ID} run {run_id}: the scheduler started it for the DAG's nightly schedule (catchup "
+              "off) when the DAG was first unpaused, so no second run is triggered", flush=True)
     else:
         runs = _airflow_json(s, "dags", "trigger", DAG_ID, "--conf", json.dumps(conf))
         run_id = runs[0]["dag_run_id"] if runs and "dag_run_id" in runs[0] else runs[0]["run_id"]
@@ -92,14 +92,16 @@ def _is_paused(s: dict) -> bool:
 
 
 def adopt_scheduled_run(s: dict, wait_s: float = 30) -> str | None:
-    """The run the scheduler starts right after an unpause, if one comes within ``wait_s``."""
+    """A queued or running run of the DAG (the scheduler starts one right after the first unpause), looked for
+    during ``wait_s`` (0: once)."""
     deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
+    while True:
         active = active_runs(_airflow_json(s, "dags", "list-runs", DAG_ID))
         if active:
             return active[0]["run_id"]
+        if time.monotonic() >= deadline:
+            return None
         time.sleep(3)
-    return None
 
 
 def active_runs(runs: list[dict]) -> list[dict]:
@@ -109,12 +111,14 @@ def active_runs(runs: list[dict]) -> list[dict]:
 
 
 def task_progress(before: dict[str, str], rows: list[dict]) -> tuple[dict[str, str], list[str]]:
-    """(task states now, one line per task whose state changed) from ``airflow tasks states-for-dag-run`` rows."""
+    """(task states now, one line per task whose state changed) from ``airflow tasks states-for-dag-run`` rows;
+    tasks that have no state yet are not printed."""
     now = {}
     for r in rows:
         index = str(r.get("map_index", -1))
         now[r["task_id"] + ("" if index in ("-1", "None", "") else f"[{index}]")] = str(r.get("state") or "none")
-    return now, [f"    {task}: {state}" for task, state in now.items() if before.get(task) != state]
+    return now, [f"    {task}: {state}" for task, state in now.items()
+                 if before.get(task, "none") != state]
 
 
 def follow_run(s: dict, run_id: str, timeout: float) -> dict:

@@ -19,7 +19,7 @@ def test_task_progress_prints_changed_states_only():
             {"task_id": "hpo_trial", "state": "running", "map_index": 0},
             {"task_id": "hpo_trial", "state": None, "map_index": 1}]
     states, lines = cli.task_progress({}, rows)
-    assert lines == ["    sync_raw_data: success", "    hpo_trial[0]: running", "    hpo_trial[1]: none"]
+    assert lines == ["    sync_raw_data: success", "    hpo_trial[0]: running"]  # no state yet: not printed
     rows[1]["state"] = "success"
     states, lines = cli.task_progress(states, rows)
     assert lines == ["    hpo_trial[0]: success"] and states["hpo_trial[0]"] == "success"
