@@ -246,6 +246,18 @@ def release_row(name: str, version: str) -> dict | None:
     return dict(row) if row else None
 
 
+def run_row(run_id: str) -> dict | None:
+    """{"id", "status"} of the ``releases`` row of pipeline run ``run_id`` (None: the run released nothing)."""
+    from sqlalchemy import select
+
+    from tasks.io import db, schema
+
+    r = schema.releases
+    row = db.transaction(lambda conn: conn.execute(select(r.c.id, r.c.status).where(r.c.run_id == run_id))
+                         .mappings().first(), what="read the run's release row")
+    return dict(row) if row else None
+
+
 def update_row(row_id: int, detail: str | None = None, **values) -> None:
     """Update one release row; ``detail`` is appended to what earlier steps wrote there, once: a transaction run
     again after a lost commit reply (db.transaction retries) or a retried step finds its text there and adds none."""

@@ -117,23 +117,15 @@ def withdraw_canary(cfg, candidate: str, champion: str) -> str:
             "serves all conversations")
 
 
-def run_status(ctx: StepContext) -> str | None:
-    from sqlalchemy import select
-
-    from tasks.io import db, schema
-
-    r = schema.releases
-    return db.transaction(lambda conn: conn.execute(select(r.c.status).where(r.c.run_id == ctx.run_id)).scalar(),
-                          what="read the release's status")
-
-
 def resume_withdrawn_canary(ctx: StepContext, found: dict) -> dict:
     """A retry of a canary deploy that an earlier try withdrew (this run's row says ``deploy_failed``, the version is
     neither champion nor candidate): put the candidate alias back and try the canary again, as the first try meant.
     Without this the retry would deploy the version as the champion it never became and wait for nothing."""
     wanted = ctx.inputs.get("registry_version")
     if (not wanted or ctx.config.release.canary_share <= 0 or found.get("candidate")
-            or found.get("champion") in (None, str(wanted)) or run_status(ctx) != "deploy_failed"):
+            or found.get("champion") in (None, str(wanted))):
+        return found
+    if (canary_release.run_row(ctx.run_id) or {}).get("status") != "deploy_failed":
         return found
     registry.set_alias(ctx.config.release.registered_model, "candidate", str(wanted))
     log.info("retry: re-starting the canary of version %s that an earlier try withdrew", wanted)

@@ -16,7 +16,7 @@ import logging
 
 from tasks.context import StepContext
 from tasks.ml import model_source
-from tasks.release import hub
+from tasks.release import canary, hub
 
 log = logging.getLogger("tasks.steps.push_to_hub")
 
@@ -64,40 +64,23 @@ def release_meta(ctx: StepContext, version: str) -> dict:
 FINAL = "deployed"  # the releases status of a version that serves as the champion
 
 
-def release_status(ctx: StepContext) -> str | None:
-    from sqlalchemy import select
-
-    from tasks.io import db, schema
-
-    r = schema.releases
-    return db.transaction(lambda conn: conn.execute(select(r.c.status).where(r.c.run_id == ctx.run_id)).scalar(),
-                          what="read the release's status")
-
-
-def record(ctx: StepContext, result: dict) -> None:
+def record(row: dict | None, result: dict) -> None:
     """The Hub repo and commit of a published release (the status stays what the release is: ``deployed``), or why
-    nothing was published."""
-    from sqlalchemy import select
-
-    from tasks.io import db, schema
-    from tasks.release import canary
-
+    nothing was published, in the run's release ``row``."""
     values = ({"hub_repo": result["repo_id"], "hub_revision": result["revision"]}
               if result["status"] in ("pushed", "exists") else {})
     detail = f"hub push {result['status']}" + (f": {result['reason']}" if result.get("reason") else "")
     if result.get("note"):  # released under another tag than v<version>: say which and why
         detail = f"hub push: {result['note']}"
-    r = schema.releases
-    row_id = db.transaction(lambda conn: conn.execute(select(r.c.id).where(r.c.run_id == ctx.run_id)).scalar(),
-                            what="find the release row")
-    if row_id is not None:
-        canary.update_row(row_id, detail, **values)
+    if row is not None:
+        canary.update_row(row["id"], detail, **values)
 
 
 def run(ctx: StepContext) -> dict:
     adapter_uri, version = ctx.require_input("adapter_uri"), ctx.require_input("registry_version")
     repo_id = ctx.config.release.hub_repo_id
-    status = release_status(ctx)
+    row = canary.run_row(ctx.run_id)
+    status = row["status"] if row else None
     if status != FINAL:
         reason = (f"version {version} is not a final release (release status {status or 'unknown'}: a canary that "
                   f"is still running, was rolled back or failed to deploy is never published); the Hub's main and "
@@ -106,5 +89,5 @@ def run(ctx: StepContext) -> dict:
         result = {"status": "skipped", "reason": reason, "repo_id": repo_id, "registry_version": version}
     else:
         result = hub.publish(adapter_uri, version, release_meta(ctx, version), repo_id)
-    record(ctx, result)
+    record(row, result)
     return result
