@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: install chromium demo test test-unit chaos lint bench images stack-up stack-down clean
+.PHONY: install chromium demo demo-check test test-unit chaos lint bench images stack-up stack-down clean
 
 install: $(VENV)/.installed chromium
 
@@ -27,6 +27,10 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(VENV)/bin/ecb demo
+
+# After `make demo`: its chat page in headless Chromium answers store questions on topic; screenshot in bench/out/.
+demo-check: install
+	$(VENV)/bin/pytest -m demo -s tests/demo
 
 # Two pytest workers, one test module each at a time (module fixtures stay whole); each worker starts a stack of
 # its own (tests/conftest.py). TEST_WORKERS=0 runs everything in this process.

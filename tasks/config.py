@@ -206,6 +206,10 @@ class GateConfig:
                                    minimum=100)
     bootstrap_seed: int = opt(0, "Seed of the paired bootstrap (the same evaluations always give the same interval).",
                               minimum=0)
+    first_release_vs_base: bool = opt(False, "With no champion yet, also evaluate the untuned base model on the same "
+                                      "test split and release the first candidate only if it beats the base under "
+                                      "the rules it would have to meet against a champion (off: the first candidate "
+                                      "is released unchecked).", param=True)
     require_approval: bool = opt(False, "A person approves every release in Airflow (the approve_release task) "
                                         "before it is registered. Without it a person is asked only when the gate "
                                         "releases on a delta whose bootstrap 95% CI includes 0.", param=True)

@@ -9,8 +9,10 @@ running between local test sessions.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -22,6 +24,7 @@ from tasks.devstack import stack
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "bitext_customer_support_sample.csv"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SETTINGS: dict = {}  # the test stack's ports and generated secrets, filled in place by pytest_configure
 
 
@@ -66,7 +69,8 @@ def pytest_configure(config) -> None:
 
 
 # The longest modules start first: with two workers (make test) the suite then ends with short ones on both.
-SLOW_FIRST = ("test_release_loop.py", "test_dag_run.py", "test_bench_rehearsal.py", "test_canary.py")
+SLOW_FIRST = ("test_release_loop.py", "test_dag_run.py", "test_gguf_base_model.py", "test_bench_rehearsal.py",
+              "test_canary.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -84,6 +88,7 @@ def services():
     from tasks.io import db
 
     urls = {"postgres": stack.postgres_up(SETTINGS), "s3": stack.s3_up(SETTINGS)}
+    _export(stack.stack_env(SETTINGS))  # s3_up picks new ports when one was taken before SeaweedFS could bind it
     db.migrate()
     yield urls
     if not _keep():
@@ -164,6 +169,21 @@ def smollm2_tokenizer(smollm2_gguf):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+
+
+@contextlib.contextmanager
+def chromium():
+    """Headless Debian Chromium through Playwright (executable_path): no browser is ever downloaded."""
+    if not CHROMIUM:
+        pytest.fail("Debian's chromium is not installed: `make install` installs it (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
 @pytest.fixture

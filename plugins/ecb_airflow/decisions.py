@@ -70,7 +70,8 @@ def approval_needed(decision: dict, require_approval: bool) -> tuple[bool, str]:
         why.append(f"the bootstrap 95% CI of the score delta, [{decision['ci_low']:+.4f}, "
                    f"{decision['ci_high']:+.4f}], includes 0: the improvement may be noise")
     if _ci_missing(decision) and not decision.get("forced"):
-        why.append(f"the gate compared with the champion (delta {decision['delta']:+.4f}) but has no confidence "
+        versus = decision.get("versus") or "champion"
+        why.append(f"the gate compared with the {versus} (delta {decision['delta']:+.4f}) but has no confidence "
                    f"interval ({decision.get('ci_problem') or 'none was computed'}): the improvement is unchecked")
     if not why:
         if decision.get("ci_low") is not None:

@@ -66,7 +66,9 @@ def port_free(port: int) -> bool:
             return False
 
 
-def wait_for(check, what: str, timeout: float, log: Path | None = None) -> None:
+def wait_for(check, what: str, timeout: float, log: Path | None = None, failed=None) -> None:
+    """Wait until ``check()`` is true; ``failed()`` returning a reason ends the wait at once (a process that
+    cannot start does not make anyone wait for its time-out)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -74,6 +76,8 @@ def wait_for(check, what: str, timeout: float, log: Path | None = None) -> None:
                 return
         except Exception:  # noqa: S110 - any failure means "not ready yet"
             pass
+        if failed is not None and (reason := failed()):
+            raise StackError(f"{what} failed to start: {reason}")
         time.sleep(0.5)
     tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:]) if log and log.exists() else ""
     detail = f"; last log lines:\n{tail}" if tail else ""
@@ -362,15 +366,48 @@ def s3_up(s: dict) -> str:
                     "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
         cfg.write_text(json.dumps({"identities": [identity]}))
         cfg.chmod(0o600)
-        WEED.start([str(BIN / "weed"), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
-                    f"-master.port={s['master_port']}", f"-volume.port={s['volume_port']}",
-                    f"-filer.port={s['filer_port']}", "-filer", "-s3", f"-s3.port={s['s3_port']}",
-                    f"-s3.config={cfg}", "-s3.port.iceberg=0", "-s3.port.lance=0",  # fixed default ports: off
-                    f"-filer.localSocket={state_dir() / 'run' / 'filer.sock'}",
-                    "-master.volumeSizeLimitMB=256", "-volume.max=64"], process_env(s))
-        wait_for(lambda: not port_free(s["s3_port"]) and _buckets(s), "SeaweedFS S3", 90, WEED.log)
+        for attempt in range(1, WEED_START_ATTEMPTS + 1):
+            _start_weed(s, data, cfg)
+            try:
+                wait_for(lambda: not port_free(s["s3_port"]) and _buckets(s), "SeaweedFS S3", 90, WEED.log,
+                         failed=_weed_port_taken)
+                break
+            except StackError as exc:
+                # Ports are picked free, but another process may take one before SeaweedFS binds it (its
+                # gRPC ports are HTTP + 10000, in the range the kernel hands out to outgoing connections).
+                if attempt == WEED_START_ATTEMPTS or not _weed_port_taken():
+                    raise
+                print(f"SeaweedFS: {exc}; starting again on new ports", file=sys.stderr, flush=True)
+                WEED.stop(timeout=40)
+                for key in WEED_PORTS:
+                    s[key] = free_port_pair()
+                save_settings(s)
+                endpoint = s3_endpoint(s)
     _buckets(s)
     return endpoint or "AWS"
+
+
+WEED_PORTS = ("s3_port", "master_port", "volume_port", "filer_port")
+WEED_START_ATTEMPTS = 3
+
+
+def _start_weed(s: dict, data: Path, cfg: Path) -> None:
+    WEED.start([str(BIN / "weed"), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
+                f"-master.port={s['master_port']}", f"-volume.port={s['volume_port']}",
+                f"-filer.port={s['filer_port']}", "-filer", "-s3", f"-s3.port={s['s3_port']}",
+                f"-s3.config={cfg}", "-s3.port.iceberg=0", "-s3.port.lance=0",  # fixed default ports: off
+                f"-filer.localSocket={state_dir() / 'run' / 'filer.sock'}",
+                "-master.volumeSizeLimitMB=256", "-volume.max=64"], process_env(s))
+
+
+def _weed_port_taken() -> str | None:
+    """The bind error of the SeaweedFS started last, from its log (the text after the last start header)."""
+    try:
+        text = WEED.log.read_text(errors="replace").rsplit("\n=== ", 1)[-1]
+    except OSError:
+        return None
+    line = next((ln for ln in text.splitlines() if "address already in use" in ln), None)
+    return line.split("] ", 1)[-1].strip()[-200:] if line else None
 
 
 def _buckets(s: dict) -> bool:

@@ -37,9 +37,9 @@ class Proc:
         try:
             pid = int(self.pidfile.read_text())
             os.kill(pid, 0)
-            return pid
         except (OSError, ValueError):
             return None
+        return None if _reaped(pid) else pid
 
     def start(self, argv: list[str], env: dict, cwd: Path | None = None) -> int:
         if pid := self.pid():
@@ -69,6 +69,16 @@ class Proc:
             os.killpg(pid, signal.SIGKILL)
         self.pidfile.unlink(missing_ok=True)
         return True
+
+
+def _reaped(pid: int) -> bool:
+    """True for a child of this process that has exited (a zombie until waited for: kill(pid, 0) still succeeds on
+    it, and a stop would wait its whole time-out for a process that is gone). Reaps it."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # not our child: its own parent reaps it
+        return False
+    return done == pid
 
 
 def stop_all(procs, timeout: float = 30) -> list[str]:

@@ -139,7 +139,7 @@ def stored(model_refs: list[str], snapshot_id: str, split: str = TEST, settings:
 
 
 def evaluate_model(ctx: StepContext, model_ref: str, snapshot_uri: str, adapter_uri: str | None, base_model: str,
-                   mlflow_run: str | None = None, aliases: tuple[str, ...] = ()) -> dict:
+                   mlflow_run: str | None = None, aliases: tuple[str, ...] = (), with_live: bool = True) -> dict:
     """Evaluate one model on the snapshot's test split and, when the snapshot has one, its live set, reusing a
     stored evaluation made with the same settings (also one stored under another name of the same model, e.g. as
     the candidate of the run that released it). Returns {"test": row, "live": row or None}."""
@@ -156,6 +156,8 @@ def evaluate_model(ctx: StepContext, model_ref: str, snapshot_uri: str, adapter_
     job = {"ctx": ctx, "cfg": cfg, "model_ref": model_ref, "refs": [model_ref, *aliases], "snapshot_id": snapshot_id,
            "wanted": wanted, "load": load, "mlflow_run": mlflow_run}
     rows = {TEST: _evaluate(job, TEST, read_split(snapshot_uri, TEST)), LIVE: None}
+    if not with_live:
+        return rows
     live = read_live(snapshot_uri)
     if live:
         rows[LIVE] = _evaluate(job, LIVE, live)

