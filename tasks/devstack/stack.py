@@ -366,29 +366,13 @@ def s3_up(s: dict) -> str:
                     "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
         cfg.write_text(json.dumps({"identities": [identity]}))
         cfg.chmod(0o600)
-        for attempt in range(1, WEED_START_ATTEMPTS + 1):
-            _start_weed(s, data, cfg)
-            try:
-                wait_for(lambda: not port_free(s["s3_port"]) and _buckets(s), "SeaweedFS S3", 90, WEED.log,
-                         failed=_weed_port_taken)
-                break
-            except StackError as exc:
-                # Ports are picked free, but another process may take one before SeaweedFS binds it (its
-                # gRPC ports are HTTP + 10000, in the range the kernel hands out to outgoing connections).
-                if attempt == WEED_START_ATTEMPTS or not _weed_port_taken():
-                    raise
-                print(f"SeaweedFS: {exc}; starting again on new ports", file=sys.stderr, flush=True)
-                WEED.stop(timeout=40)
-                for key in WEED_PORTS:
-                    s[key] = free_port_pair()
-                save_settings(s)
-                endpoint = s3_endpoint(s)
+        _start_weed(s, data, cfg)
+        # A port picked free can be taken before SeaweedFS binds it (its gRPC ports are HTTP + 10000, in the range
+        # the kernel hands out to outgoing connections): say so at once, not after the 90 s wait.
+        wait_for(lambda: not port_free(s["s3_port"]) and _buckets(s), "SeaweedFS S3", 90, WEED.log,
+                 failed=_weed_port_taken)
     _buckets(s)
     return endpoint or "AWS"
-
-
-WEED_PORTS = ("s3_port", "master_port", "volume_port", "filer_port")
-WEED_START_ATTEMPTS = 3
 
 
 def _start_weed(s: dict, data: Path, cfg: Path) -> None:

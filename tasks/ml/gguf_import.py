@@ -175,6 +175,10 @@ def _convert(gguf: Path, folder: Path, sha256: str, dtype: str) -> dict:
     model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)  # strict: a key the plain model lacks is an error
     model.generation_config = loaded.generation_config  # eos/bos as the file declares them
+    # The GGUF loader's quantization_config would make the saved fp32 folder look quantized: transformers' Trainer
+    # (and TRL on it) then refuses to train it.
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
     del loaded
     model.to(getattr(torch, dtype)).save_pretrained(folder)
     AutoTokenizer.from_pretrained(**where).save_pretrained(folder)

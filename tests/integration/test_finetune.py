@@ -92,10 +92,11 @@ def test_killed_finetune_resumes_from_its_checkpoint(mlflow_server, snapshot, ti
     argv = [sys.executable, "-m", "tasks", "finetune", "--run-id", run_id, *args]
     meta = f"s3://ecb-platform/runs/{run_id}/finetune/checkpoint/meta.json"
     proc = subprocess.Popen(argv, cwd=REPO, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 600  # generous: on 2 loaded cores the first checkpoint took over 240 s once
     while not s3.head(meta) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert proc.poll() is None, "the step finished before it could be killed; make it longer"
+    assert s3.head(meta), "no checkpoint within 600 s"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = s3.get_json(meta)["step"]
