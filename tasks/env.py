@@ -41,6 +41,8 @@ VARS: dict[str, Var] = {
     "ECB_POSTGRES_URL": Var(SECRET, "Dev stack: an external PostgreSQL server URL without database name, instead of "
                                     "the embedded one."),
     "ECB_CHAT_ADMIN_TOKEN": Var(SECRET, "Bearer token of the chat service's /admin endpoints (deploy sends it)."),
+    "ECB_CHAT_API_KEYS": Var(SECRET, "API keys of the chat service's OpenAI-compatible /v1 API, comma-separated "
+                                     "(clients send one as a Bearer token)."),
     "HF_TOKEN": Var(SECRET, "Hugging Face token for push_to_hub (unset: the push is skipped)."),
     "HUGGING_FACE_HUB_TOKEN": Var(SECRET, "Legacy name of the Hugging Face token (scanned before a Hub push)."),
     "AIRFLOW__CORE__FERNET_KEY": Var(SECRET, "Airflow's Fernet key (scanned before a Hub push)."),

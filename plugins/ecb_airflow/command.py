@@ -12,7 +12,7 @@ import sys
 from tasks.config import iter_fields
 
 # Airflow connection ids that become step environment (skipped when the connection is not defined).
-CONNECTIONS = ("aws_default", "ecb_results", "mlflow_default", "huggingface_default")
+CONNECTIONS = ("aws_default", "ecb_results", "mlflow_default", "huggingface_default", "ecb_chat_api")
 CONFIG_FIELDS = tuple(name for name, _, _ in iter_fields())
 # Set on every command Airflow builds: the task log stamps every line already.
 AIRFLOW_SETTINGS = {"pipeline.log_timestamps": False}
@@ -74,5 +74,7 @@ def conn_env() -> dict[str, str]:
             env["HF_TOKEN"] = conn.password or ""
             if extra.get("endpoint"):
                 env["HF_ENDPOINT"] = extra["endpoint"]
+        elif conn_id == "ecb_chat_api":  # the chat service's /v1 API keys (comma-separated) in the password
+            env["ECB_CHAT_API_KEYS"] = conn.password or ""
     return {k: v for k, v in env.items() if v is not None}
 

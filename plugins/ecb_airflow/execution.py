@@ -37,7 +37,7 @@ SETTING_ENV = ("ECB_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI
                "HF_ENDPOINT")
 # Credentials a step reads: the Secret's keys in Kubernetes; in Docker, never in a template field.
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "ECB_RESULTS_DB_URL", "ECB_OPTUNA_DB_URL", "HF_TOKEN",
-              "ECB_CHAT_ADMIN_TOKEN")
+              "ECB_CHAT_ADMIN_TOKEN", "ECB_CHAT_API_KEYS")
 
 _CACHE: dict = {}
 _CACHE_S = 10.0  # one DAG parse asks once per step; a later parse sees a changed Variable

@@ -160,11 +160,12 @@ def create_app(config=None, *, loader=None, wait_for_model: bool = False) -> Fla
     source = None if isinstance(config, Config) else (config or "")
     app.extensions["ecb_model"] = ModelState(cfg, loader, planner, source)
 
-    from tasks.chat import admin, api, web
+    from tasks.chat import admin, api, openai_api, web
 
     app.register_blueprint(web.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(admin.bp)
+    app.register_blueprint(openai_api.bp)
     web.install_headers(app)
     app.extensions["ecb_model"].reload(wait=wait_for_model)
     return app

@@ -12,7 +12,7 @@ from flask import Blueprint, current_app, jsonify, request
 
 from tasks import env
 from tasks.chat import store
-from tasks.chat.api import ApiError, conversation_on
+from tasks.chat.api import ApiError, conversation_on, json_body
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 log = logging.getLogger("tasks.chat.admin")
@@ -27,7 +27,7 @@ def require_admin() -> None:
 
 
 def _json_body() -> dict:
-    body = request.get_json(silent=True) if request.data else {}
+    body = json_body() if request.data else {}
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     return body

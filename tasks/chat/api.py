@@ -11,7 +11,7 @@ from collections import defaultdict, deque
 
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
 
-from tasks.chat import store
+from tasks.chat import openai_errors, store
 from tasks.chat.engine import Job, QueueFull
 from tasks.chat.openapi import spec
 from tasks.chat.prompting import PromptTooLong, build_prompt
@@ -29,7 +29,15 @@ class ApiError(Exception):
 
 @bp.app_errorhandler(ApiError)
 def _api_error(exc: ApiError):
+    if openai_errors.is_v1():  # a shared helper (the rate limiter, Turn) failed a /v1 request
+        code = "rate_limit_exceeded" if exc.status == 429 else None
+        return openai_errors.response(exc.status, exc.message, code=code, headers=exc.headers)
     return jsonify(error=exc.message), exc.status, exc.headers
+
+
+@bp.app_errorhandler(openai_errors.OpenAIError)
+def _openai_error(exc: openai_errors.OpenAIError):
+    return openai_errors.response(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
 
 class RateLimiter:
@@ -62,12 +70,21 @@ def _state():
     return current_app.extensions["ecb_model"]
 
 
-def _limiter() -> RateLimiter:
+def limiter() -> RateLimiter:
     return current_app.extensions.setdefault("ecb_rate", RateLimiter())
 
 
+def json_body():
+    """The request's JSON, None when it is not JSON. Nesting too deep for the parser (``[[[[...``) raises
+    RecursionError, not ValueError, which get_json(silent=True) would let through as a 500."""
+    try:
+        return request.get_json(silent=True)
+    except RecursionError:
+        return None
+
+
 def _body() -> dict:
-    body = request.get_json(silent=True)
+    body = json_body()
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     return body
@@ -127,7 +144,7 @@ def _model_json(h, arm: str) -> dict:
 
 @bp.post("/api/conversations")
 def create_conversation():
-    _limiter().check(f"addr:{request.remote_addr}", _cfg().chat.create_limit_per_minute)
+    limiter().check(f"addr:{request.remote_addr}", _cfg().chat.create_limit_per_minute)
     ids = store.new_ids()
     # The answer does not name the model the conversation landed on: a client that knows its canary arm can steer
     # the verdict (keep only the conversations on one arm, rate only those).
@@ -157,7 +174,7 @@ def _message_text(body: dict) -> str:
     content = body.get("content")
     if not isinstance(content, str):
         raise ApiError(400, "'content' must be a string")
-    if "\x00" in content or not _utf8(content):
+    if "\x00" in content or not utf8_text(content):
         raise ApiError(400, "'content' must be text (no NUL characters or unpaired surrogates)")
     if "stream" in body and not isinstance(body["stream"], bool):
         raise ApiError(400, "'stream' must be true or false")
@@ -174,7 +191,7 @@ def send_message(conversation_id: str):
     body = _body()
     token, conv = _owned(conversation_id)
     content = _message_text(body)
-    _limiter().check(f"client:{store.token_hash(token)}", _cfg().chat.rate_limit_per_minute)
+    limiter().check(f"client:{store.token_hash(token)}", _cfg().chat.rate_limit_per_minute)
     h = _state().for_version(conv["model_version"])  # sticky: the version it started on, while that one serves
     if h is None:
         raise ApiError(503, "the model is still loading", {"Retry-After": "5"})
@@ -264,7 +281,7 @@ def _event(name: str, data: dict) -> str:
     return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def _utf8(text: str) -> bool:
+def utf8_text(text: str) -> bool:
     try:
         text.encode("utf-8")
         return True
@@ -272,19 +289,33 @@ def _utf8(text: str) -> bool:
         return False
 
 
-@bp.post("/api/messages/<int:message_id>/feedback")
-def feedback(message_id: int):
+@bp.post("/api/messages/<message_ref>/feedback")
+def feedback(message_ref: str):
+    """Thumbs for an assistant message: its id with the conversation's ``X-Client-Token``, or the ``id`` of an
+    OpenAI-compatible completion (``chatcmpl-...``) with the API key that made it (``Authorization: Bearer``)."""
     # Per address, not per token: every conversation has its own token, so one client rating from many
     # conversations would otherwise have no limit on the thumbs a canary is judged on.
-    _limiter().check(f"feedback:{request.remote_addr}", _cfg().chat.feedback_limit_per_minute)
+    limiter().check(f"feedback:{request.remote_addr}", _cfg().chat.feedback_limit_per_minute)
     body = _body()
-    if message_id > 2**63 - 1:
-        raise ApiError(404, "message not found")
     rating = body.get("rating")
     if rating not in (1, -1) or isinstance(rating, bool):
         raise ApiError(400, "'rating' must be 1 (thumbs up) or -1 (thumbs down)")
-    msg = store.assistant_message(message_id, request.headers.get(TOKEN_HEADER, ""))
+    token = request.headers.get(TOKEN_HEADER, "") or bearer_token()
+    if message_ref.startswith(COMPLETION_PREFIX):
+        msg = store.last_reply(message_ref[len(COMPLETION_PREFIX):], token)
+    elif message_ref.isdigit() and message_ref.isascii() and int(message_ref) <= 2**63 - 1:
+        msg = store.assistant_message(int(message_ref), token)
+    else:
+        msg = None
     if msg is None:
         raise ApiError(404, "message not found")
-    store.rate(message_id, rating, msg["model_version"])
-    return jsonify(message_id=message_id, rating=rating)  # no model version: it would name the canary arm
+    store.rate(msg["id"], rating, msg["model_version"])
+    return jsonify(message_id=msg["id"], rating=rating)  # no model version: it would name the canary arm
+
+
+COMPLETION_PREFIX = "chatcmpl-"  # an OpenAI-compatible completion's id: this prefix and its conversation's id
+
+
+def bearer_token() -> str:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""

@@ -7,7 +7,10 @@ is left-padded to a shared width and an attention mask hides the padding, so one
 reply by one token. If a batched prefill raises, its requests are prefilled again one by one, so only a request
 whose own prefill fails gets an error. A request
 that arrives while others are decoding joins at the next step; a finished one leaves at once (its row is dropped from
-the cache) without waiting for the rest. Decoding is greedy, the same as the evaluate step.
+the cache) without waiting for the rest. Decoding is greedy, the same as the evaluate step, unless a request carries
+its own ``Sampling`` (the OpenAI-compatible API's temperature / top_p / seed): each row picks its next token by its own
+rule from the batch's logits (``pick``), so greedy and sampled requests share a batch. A request's ``stop`` strings end
+its reply at the first one, which is never sent (text that could be the start of one is held back until it is not).
 
 When the handle carries a ``static_cache.StaticDecoder`` (on a GPU by default), ``StaticBatch`` replaces ``Batch``:
 every row owns a slot of a preallocated KV cache and the decode step has fixed shapes, so it can run as one compiled
@@ -71,6 +74,27 @@ class ModelHandle:
 
 
 @dataclass
+class Sampling:
+    """Sampling of one request: temperature > 0 (0 is greedy, never a Sampling), nucleus ``top_p``, and a torch
+    generator of its own (seeded from the request's ``seed``: the same seed gives the same reply)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @cached_property
+    def generator(self):
+        import torch
+
+        g = torch.Generator()
+        if self.seed is None:
+            g.seed()
+        else:
+            g.manual_seed(self.seed)
+        return g
+
+
+@dataclass
 class Job:
     """One reply being generated. Events go to ``events``: ("token", text), ("done", stats), ("error", message)."""
 
@@ -83,6 +107,9 @@ class Job:
     tokens: list[int] = field(default_factory=list)
     sent: str = ""
     first_token_at: float | None = None
+    sampling: Sampling | None = None  # None: greedy
+    stop: tuple[str, ...] = ()  # the reply ends before the first of these strings
+    stopped: bool = False  # a stop string was found: the reply is done
     # Incremental detokenisation: ``raw`` is the text of tokens[:read]; each step decodes only tokens[prefix:], where
     # tokens[prefix:read] are the last piece's tokens, kept as left context (a SentencePiece decode drops the
     # leading space of its first token, and byte-level pieces may be parts of one character).
@@ -104,9 +131,24 @@ class Job:
             self.raw = tokenizer.decode(self.tokens, skip_special_tokens=True)
         self.prefix, self.read = self.read, len(self.tokens)
         text = self.raw.strip()
+        if self.stop:
+            text = self._before_stop(text, final)
         if text.startswith(self.sent) and len(text) > len(self.sent):
             self.events.put(("token", text[len(self.sent):]))
             self.sent = text
+
+    def _before_stop(self, text: str, final: bool) -> str:
+        """The part of ``text`` that may be sent: up to the first stop string (then the reply is done), and short of
+        a tail that could still become one."""
+        cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if cuts:
+            self.stopped = True
+            return text[:min(cuts)].rstrip()
+        if final:
+            return text
+        held = max((n for s in self.stop for n in range(min(len(s) - 1, len(text)), 0, -1)
+                    if text.endswith(s[:n])), default=0)
+        return text[:len(text) - held].rstrip()
 
 
 @dataclass
@@ -235,7 +277,8 @@ def job_lane(job: Job) -> tuple:
     A handle kept across a reload (a promotion) keeps the width it was loaded with while the live config may have
     raised context_tokens: such a request decodes on the dynamic cache rather than have its reply cut."""
     decoder = job.handle.decoder
-    fits = decoder is not None and len(job.prompt_ids) + job.max_new_tokens <= decoder.width
+    # The static step picks greedily inside its compiled graph: a sampled request decodes on the dynamic cache.
+    fits = decoder is not None and job.sampling is None and len(job.prompt_ids) + job.max_new_tokens <= decoder.width
     return id(job.handle), fits  # the handle's identity: two loads of one version are two models
 
 
@@ -342,7 +385,7 @@ class Batch:
                                     use_cache=True, **{_cache_kw(type(self.handle.model)): self.cache})
         self.cache = _cache_of(out)
         self.positions = self.positions + 1
-        tokens = out.logits[:, -1].argmax(dim=-1).tolist()
+        tokens = pick(out.logits[:, -1], self.jobs)
         keep = [i for i, (job, tok) in enumerate(zip(self.jobs, tokens, strict=True)) if not accept(job, tok)]
         if len(keep) < len(self.jobs):
             self._select(keep)
@@ -381,7 +424,7 @@ def prefill(jobs: list[Job]):
     ids, mask, positions = ids.to(h.device), mask.to(h.device), positions.to(h.device)
     with torch.inference_mode():
         out = h.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    first = out.logits[:, -1].argmax(dim=-1).tolist()
+    first = pick(out.logits[:, -1], jobs)
     now = time.monotonic()
     open_rows = []
     for row, (job, token) in enumerate(zip(jobs, first, strict=True)):
@@ -391,6 +434,24 @@ def prefill(jobs: list[Job]):
     return _cache_of(out), mask, open_rows
 
 
+def pick(logits, jobs: list[Job]) -> list[int]:
+    """Each row's next token from ``logits`` [rows, vocab]: the argmax, or a draw by the row's own ``Sampling``."""
+    import torch
+
+    tokens = logits.argmax(dim=-1).tolist()
+    for row, job in enumerate(jobs):
+        s = job.sampling
+        if s is None:
+            continue
+        probs = torch.softmax(logits[row].float().cpu() / s.temperature, dim=-1)
+        if s.top_p < 1.0:  # the smallest set of most likely tokens whose mass reaches top_p
+            sorted_p, order = probs.sort(descending=True)
+            outside = sorted_p.cumsum(0) - sorted_p >= s.top_p
+            probs[order[outside]] = 0.0
+        tokens[row] = int(torch.multinomial(probs, 1, generator=s.generator))
+    return tokens
+
+
 def accept(job: Job, token: int) -> bool:
     """Record a token; True when the job is finished (and its done event sent)."""
     h = job.handle
@@ -398,6 +459,7 @@ def accept(job: Job, token: int) -> bool:
     if not eos:
         job.tokens.append(token)
         job.emit_text(h.tokenizer)
+    eos = eos or job.stopped
     if eos or len(job.tokens) >= job.max_new_tokens:
         job.emit_text(h.tokenizer, final=True)
         job.events.put(("done", {"finish_reason": "stop" if eos else "length",

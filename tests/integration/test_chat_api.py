@@ -170,6 +170,11 @@ def test_invalid_json_and_unknown_or_foreign_conversations(client):
     assert r.status_code == 400 and "JSON object" in r.get_json()["error"]
     r = client.post(f"/api/conversations/{cid}/messages", json=["a list"], headers=auth)
     assert r.status_code == 400
+    # nesting deeper than the JSON parser recurses: RecursionError, not ValueError -- still a 400, not a 500
+    deep = '{"content": ' + "[" * 5000 + "]" * 5000 + "}"
+    r = client.post(f"/api/conversations/{cid}/messages", data=deep,
+                    headers={**auth, "Content-Type": "application/json"})
+    assert r.status_code == 400 and "JSON object" in r.get_json()["error"]
     assert client.post("/api/conversations/nope/messages", json={"content": "hi"}, headers=auth).status_code == 404
     assert client.get("/api/conversations/nope", headers=auth).status_code == 404
     other_cid, other = new_conversation(client)

@@ -144,6 +144,8 @@ def test_local_step_env_has_connections_and_no_log_switch():
     assert "ECB_LOG_TIMESTAMPS" not in env and env["PYTHONUNBUFFERED"] == "1"
     assert env["AWS_SECRET_ACCESS_KEY"] == SETTINGS["s3_secret_key"]
     assert {k: env[k] for k in conn_env()} == conn_env()
+    # the chat service's /v1 keys: from the connection ecb_chat_api, so the deploy step hands them to gunicorn
+    assert conn_env()["ECB_CHAT_API_KEYS"] == SETTINGS["chat_api_key"]
 
 
 def test_defaults_reach_every_step_in_every_mode(modes):
