@@ -337,6 +337,13 @@ class ChatConfig:
     api_max_tokens: int = opt(1024, "Largest max_tokens / max_completion_tokens a /v1 request may ask for (more -> "
                                     "HTTP 400); without one a reply gets chat.max_new_tokens.", minimum=1,
                               maximum=32768)
+    tracing: str = opt("on", "Each reply as an MLflow trace (spans prompt, queue, prefill, decode; session = the "
+                             "conversation) and each thumb as an MLflow feedback assessment, exported by a thread of "
+                             "its own: on (when an MLflow tracking server is configured) or off.",
+                       choices=("on", "off"))
+    trace_experiment: str = opt("chat", "MLflow experiment the chat traces go to.")
+    trace_queue: int = opt(1000, "Traces and thumbs waiting for export; past that they are dropped (an MLflow "
+                                 "outage loses traces, never chats).", minimum=1)
     max_batch_size: int = opt(16, "Requests decoded together by the generation worker.", minimum=1, maximum=1024)
     static_cache: str = opt("auto", "Decode with a preallocated per-request KV cache of fixed shape "
                                     "(Llama-architecture models): auto = on a GPU, on, off (the dynamic cache).",

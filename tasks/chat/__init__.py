@@ -22,7 +22,9 @@ import time
 
 from flask import Flask
 
+from tasks import env
 from tasks.chat.serving import Serving, Target, canary_arm, fixed_plan
+from tasks.chat.tracing import make_tracer
 
 log = logging.getLogger("tasks.chat")
 __all__ = ["ModelState", "Serving", "Target", "create_app"]
@@ -159,6 +161,7 @@ def create_app(config=None, *, loader=None, wait_for_model: bool = False) -> Fla
                       JSON_SORT_KEYS=False)
     source = None if isinstance(config, Config) else (config or "")
     app.extensions["ecb_model"] = ModelState(cfg, loader, planner, source)
+    app.extensions["ecb_tracer"] = make_tracer(cfg, env.get("MLFLOW_TRACKING_URI"))
 
     from tasks.chat import admin, api, openai_api, web
 

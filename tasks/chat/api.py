@@ -8,6 +8,7 @@ import queue
 import threading
 import time
 from collections import defaultdict, deque
+from dataclasses import dataclass
 
 from flask import Blueprint, Response, current_app, jsonify, request, stream_with_context
 
@@ -15,6 +16,7 @@ from tasks.chat import openai_errors, store
 from tasks.chat.engine import Job, QueueFull
 from tasks.chat.openapi import spec
 from tasks.chat.prompting import PromptTooLong, build_prompt
+from tasks.chat.tracing import Reply, Tracer
 
 bp = Blueprint("api", __name__)
 log = logging.getLogger("tasks.chat.api")
@@ -196,6 +198,7 @@ def send_message(conversation_id: str):
     if h is None:
         raise ApiError(503, "the model is still loading", {"Retry-After": "5"})
     cfg = _cfg().chat
+    started = time.monotonic()
     history = [*store.history(conversation_id, limit=cfg.context_tokens or h.context_tokens),
                {"role": "user", "content": content}]
     budget = (cfg.context_tokens or h.context_tokens) - cfg.max_new_tokens
@@ -204,12 +207,14 @@ def send_message(conversation_id: str):
     except PromptTooLong as exc:
         raise ApiError(413, str(exc)) from exc
     job = Job(h, prompt_ids, cfg.max_new_tokens)
+    prompt_built = time.monotonic()
     try:
         _state().generator.submit(job)
     except QueueFull as exc:
         raise ApiError(503, "the service is busy; try again shortly", {"Retry-After": "2"}) from exc
     user = store.add_message(conversation_id, "user", content, model_version=h.version)
-    turn = Turn(conversation_id, job, user, dropped, cfg.request_timeout_s)
+    turn = Turn(conversation_id, job, user, dropped, cfg.request_timeout_s,
+                trace=TraceInfo(tracer(), "page", content, started, prompt_built))
     wants_stream = body.get("stream") is True or (
         "stream" not in body and request.accept_mimetypes.best == "text/event-stream")
     if wants_stream:
@@ -220,13 +225,32 @@ def send_message(conversation_id: str):
     return jsonify(user_message=user, message=turn.stored)
 
 
-class Turn:
-    """One assistant reply: reads the job's events, then stores the reply (also when cut off or abandoned)."""
+@dataclass
+class TraceInfo:
+    """What a reply's MLflow trace needs beyond the job: the tracer (None: tracing off), the route, the user's text
+    and when the request began and its prompt was ready (monotonic seconds)."""
 
-    def __init__(self, conversation_id: str, job: Job, user: dict, dropped: int, timeout_s: float):
+    tracer: Tracer | None
+    route: str
+    user_text: str
+    started: float
+    prompt_built: float
+
+
+def tracer() -> Tracer | None:
+    return current_app.extensions.get("ecb_tracer")
+
+
+class Turn:
+    """One assistant reply: reads the job's events, then stores the reply (also when cut off or abandoned) and hands
+    it to the tracer."""
+
+    def __init__(self, conversation_id: str, job: Job, user: dict, dropped: int, timeout_s: float,
+                 trace: TraceInfo | None = None):
         self.conversation_id, self.job, self.user, self.dropped = conversation_id, job, user, dropped
         self.deadline = time.monotonic() + timeout_s
         self.stored: dict | None = None
+        self.trace = trace
 
     def events(self):
         """Yield ("token", text) pieces; afterwards ``self.stored`` is the stored assistant message."""
@@ -264,6 +288,14 @@ class Turn:
         log.info("reply in conversation %s...: %d prompt tokens (%d old turns dropped), %d new tokens, %.0f ms, %s, "
                  "model %s", self.conversation_id[:8], len(job.prompt_ids), self.dropped, len(job.tokens),
                  self.stored["latency_ms"], reason, job.handle.version)
+        t = self.trace
+        if t is not None and t.tracer is not None:
+            t.tracer.record(Reply(
+                conversation_id=self.conversation_id, message_id=self.stored["id"], model_version=job.handle.version,
+                route=t.route, user_text=t.user_text, reply_text=job.sent, prompt_tokens=len(job.prompt_ids),
+                completion_tokens=len(job.tokens), finish_reason=reason, started=t.started,
+                prompt_built=t.prompt_built, submitted=job.submitted, admitted=job.admitted_at,
+                first_token=job.first_token_at, ended=now))
 
     def sse(self):
         # No model version here or in any public message: a client that knows its canary arm can steer the verdict.
@@ -310,6 +342,8 @@ def feedback(message_ref: str):
     if msg is None:
         raise ApiError(404, "message not found")
     store.rate(msg["id"], rating, msg["model_version"])
+    if tracer() is not None:
+        tracer().thumb(msg["id"], rating)
     return jsonify(message_id=msg["id"], rating=rating)  # no model version: it would name the canary arm
 
 

@@ -107,6 +107,7 @@ class Job:
     tokens: list[int] = field(default_factory=list)
     sent: str = ""
     first_token_at: float | None = None
+    admitted_at: float | None = None  # its prefill began (after waiting for a row)
     sampling: Sampling | None = None  # None: greedy
     stop: tuple[str, ...] = ()  # the reply ends before the first of these strings
     stopped: bool = False  # a stop string was found: the reply is done
@@ -414,6 +415,9 @@ def prefill(jobs: list[Job]):
     import torch
 
     h = jobs[0].handle
+    started = time.monotonic()
+    for job in jobs:
+        job.admitted_at = job.admitted_at or started  # a retried prefill keeps the first time
     width = max(len(j.prompt_ids) for j in jobs)
     ids = torch.zeros((len(jobs), width), dtype=torch.long)  # padding ids are masked: any valid id will do
     mask = torch.zeros((len(jobs), width), dtype=torch.long)

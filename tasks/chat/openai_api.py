@@ -35,7 +35,17 @@ from flask import Blueprint, Response, current_app, jsonify, request, stream_wit
 
 from tasks import env
 from tasks.chat import store
-from tasks.chat.api import COMPLETION_PREFIX, ApiError, Turn, bearer_token, json_body, limiter, utf8_text
+from tasks.chat.api import (
+    COMPLETION_PREFIX,
+    ApiError,
+    TraceInfo,
+    Turn,
+    bearer_token,
+    json_body,
+    limiter,
+    tracer,
+    utf8_text,
+)
 from tasks.chat.engine import Job, QueueFull, Sampling
 from tasks.chat.openai_errors import OpenAIError
 from tasks.chat.prompting import PromptTooLong, build_prompt
@@ -167,6 +177,7 @@ def chat_completions():
         limiter().check(f"v1:{limit_key}", _cfg().chat.api_rate_limit_per_minute)
     except ApiError as exc:
         raise OpenAIError(429, exc.message, code="rate_limit_exceeded", headers=exc.headers) from exc
+    started = time.monotonic()
     cid, token = store.new_ids()
     h, _ = resolve(req.model, cid)
     cfg = _cfg()
@@ -180,6 +191,7 @@ def chat_completions():
         raise OpenAIError(400, f"the messages do not fit the model's chat template: {str(exc)[:200]}",
                           "messages") from exc
     job = Job(h, prompt_ids, req.max_tokens, sampling=req.sampling, stop=req.stop)
+    prompt_built = time.monotonic()
     try:
         _state().generator.submit(job)
     except QueueFull as exc:
@@ -189,7 +201,8 @@ def chat_completions():
     owner = bearer_token() or token
     store.create_conversation(h.version, (cid, owner))
     user = store.add_message(cid, "user", req.history[-1]["content"], model_version=h.version)
-    turn = Turn(cid, job, user, dropped, cfg.chat.request_timeout_s)
+    turn = Turn(cid, job, user, dropped, cfg.chat.request_timeout_s,
+                trace=TraceInfo(tracer(), "v1", req.history[-1]["content"], started, prompt_built))
     headers = {} if bearer_token() else {"X-Client-Token": token}
     created, reply_id = int(time.time()), COMPLETION_PREFIX + cid
     if req.stream:

@@ -247,7 +247,7 @@ def cmd_demo(args) -> int:
 
 # A short second release (the canary is what this run shows): fewer steps than the first, so a different adapter;
 # the same eval settings, so the champion's stored evaluation is reused rather than made again.
-CANARY_RUN = {"force_retrain": True, "force_deploy": True, "hpo.enabled": False, "training.max_steps": 12}
+CANARY_RUN = {"force_retrain": True, "force_deploy": True, "hpo.enabled": False, "training.max_steps": 8}
 
 
 def canary_cycle(s: dict, args) -> int:
