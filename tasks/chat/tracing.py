@@ -126,10 +126,11 @@ class Tracer:
             self._trace(item)
 
     def _experiment(self) -> str:
+        # The export itself goes to the process's tracking URI ($MLFLOW_TRACKING_URI, which make_tracer was given):
+        # the tracer never sets MLflow's global URI, which the registry loads of this process share.
         if self._experiment_id is None:
             import mlflow
 
-            mlflow.set_tracking_uri(self.tracking_uri)
             client = mlflow.MlflowClient(self.tracking_uri)
             found = client.get_experiment_by_name(self.experiment)
             self._experiment_id = found.experiment_id if found else client.create_experiment(self.experiment)

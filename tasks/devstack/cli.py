@@ -247,7 +247,7 @@ def cmd_demo(args) -> int:
 
 # A short second release (the canary is what this run shows): fewer steps than the first, so a different adapter;
 # the same eval settings, so the champion's stored evaluation is reused rather than made again.
-CANARY_RUN = {"force_retrain": True, "force_deploy": True, "hpo.enabled": False, "training.max_steps": 8}
+CANARY_RUN = {"force_retrain": True, "force_deploy": True, "hpo.enabled": False, "training.max_steps": 6}
 
 
 def canary_cycle(s: dict, args) -> int:
@@ -281,8 +281,12 @@ class SimulatedUsers:
         return self
 
     def __exit__(self, *exc) -> None:
+        # No new chats from here; the ones in flight (up to 8 replies being decoded, ~40 s on a CPU) are not waited
+        # for: the run is over and the service stores them anyway.
         self.done.set()
-        self.thread.join(timeout=180)
+        self.thread.join(timeout=5)
+        if self.thread.is_alive():
+            self.result["not_counted"] = "the chats still in flight when the run ended"
 
     def _run(self) -> None:
         from tasks.demo import traffic

@@ -6,12 +6,14 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
 from tasks.config import load_config
 
 pytestmark = pytest.mark.integration
+REPO_OUT = Path(__file__).resolve().parents[2] / "bench" / "out"
 
 
 def make_app(model_dir, **chat):
@@ -129,3 +131,27 @@ def test_tracing_off_makes_no_tracer(services, tiny_base_model):
     assert reply["completion_tokens"] > 0
     assert app.test_client().post(f"/api/messages/{reply['id']}/feedback", json={"rating": 1},
                                   headers=auth).status_code == 200
+
+
+@pytest.mark.browser
+def test_the_mlflow_ui_shows_a_chat_trace_with_its_thumb(traced, mlflow_server):
+    """The MLflow UI's traces view of the chat experiment (headless Chromium) lists a rated chat: its message and
+    the user_thumbs assessment."""
+    import mlflow
+
+    from tests.conftest import chromium
+
+    app, experiment = traced
+    client, tracer = app.test_client(), app.extensions["ecb_tracer"]
+    question = f"Where is my parcel number {uuid.uuid4().hex[:6]}?"
+    _, auth, reply = chat(client, question)
+    assert client.post(f"/api/messages/{reply['id']}/feedback", json={"rating": 1}, headers=auth).status_code == 200
+    assert tracer.flush(60), tracer.stats
+    exp = mlflow.MlflowClient().get_experiment_by_name(experiment)
+    with chromium() as browser:
+        page = browser.new_page()
+        page.goto(f"{mlflow_server}/#/experiments/{exp.experiment_id}/traces")
+        page.get_by_text(question, exact=False).first.wait_for(timeout=90_000)
+        page.get_by_text("user_thumbs", exact=False).first.wait_for(timeout=30_000)
+        REPO_OUT.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(REPO_OUT / "mlflow-chat-traces.png"), full_page=True)
