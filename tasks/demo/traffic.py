@@ -152,11 +152,12 @@ class Client:
 
 def drive(url: str, chats: int, rater: Rater | None = None, *, workers: int = 4, seed: int = 0,
           stop: threading.Event | None = None, qs: list[tuple[str, str]] | None = None,
-          admin_token: str | None = None) -> dict:
+          admin_token: str | None = None, summary: Summary | None = None) -> dict:
     """Run ``chats`` simulated conversations (``workers`` at a time) and rate each reply with ``rater``; stops early
     when ``stop`` is set. Returns the summary: chats, failed requests, and per model version chats/up/down (all
-    under "unknown" without an admin token, see ``Client``)."""
-    summary, rater = Summary(), rater or by_reference()
+    under "unknown" without an admin token, see ``Client``). ``summary``: count into this one (read it while the
+    chats go on; several calls may share it)."""
+    summary, rater = summary or Summary(), rater or by_reference()
     client = Client(url, summary, admin_token=admin_token)
     if getattr(rater, "needs_version", False) and not client.admin_token:
         raise LookupError(NEEDS_ADMIN)  # before any chat: every one would fail the same way

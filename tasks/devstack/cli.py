@@ -273,7 +273,9 @@ class SimulatedUsers:
     needs live signals); otherwise they only watch /api/model."""
 
     def __init__(self, url: str):
-        self.url, self.done, self.result = url, threading.Event(), {"chats": 0, "failed": 0, "by_version": {}}
+        from tasks.demo import traffic
+
+        self.url, self.done, self.summary = url, threading.Event(), traffic.Summary()
         self.thread = threading.Thread(target=self._run, name="simulated-users", daemon=True)
 
     def __enter__(self):
@@ -285,8 +287,12 @@ class SimulatedUsers:
         # for: the run is over and the service stores them anyway.
         self.done.set()
         self.thread.join(timeout=5)
-        if self.thread.is_alive():
-            self.result["not_counted"] = "the chats still in flight when the run ended"
+
+    @property
+    def result(self) -> dict:
+        """Chats answered so far (each counted when its reply and rating are in), per model version."""
+        out = self.summary.to_dict()
+        return {k: out[k] for k in ("chats", "failed", "by_version")}
 
     def _run(self) -> None:
         from tasks.demo import traffic
@@ -301,14 +307,8 @@ class SimulatedUsers:
                 announced = True
             # 8 at a time: the service decodes them in one batch (a CPU decode step costs about the same for 1 row
             # or 8), so the verdict's replies come ~4x sooner than from 2 users.
-            part = traffic.drive(self.url, 24, traffic.by_reference(), workers=8, stop=self.done,
-                                 seed=self.result["chats"])
-            self.result["chats"] += part["chats"]
-            self.result["failed"] += part["failed"]
-            for v, counts in part["by_version"].items():
-                mine = self.result["by_version"].setdefault(v, {"chats": 0, "up": 0, "down": 0})
-                for key, n in counts.items():
-                    mine[key] += n
+            traffic.drive(self.url, 24, traffic.by_reference(), workers=8, stop=self.done,
+                          seed=self.summary.chats, summary=self.summary)
 
 
 def _served(url: str) -> dict:
