@@ -342,8 +342,8 @@ def feedback(message_ref: str):
     if msg is None:
         raise ApiError(404, "message not found")
     store.rate(msg["id"], rating, msg["model_version"])
-    if tracer() is not None:
-        tracer().thumb(msg["id"], rating)
+    if (t := tracer()) is not None:
+        t.thumb(msg["id"], rating)
     return jsonify(message_id=msg["id"], rating=rating)  # no model version: it would name the canary arm
 
 

@@ -145,23 +145,23 @@ def _model(model_id: str, h, alias: str, description: str | None = None) -> dict
 
 
 def resolve(model: str, conversation_id: str):
-    """(handle, pinned?) for the request's ``model``: an alias or loaded version pins that model, anything else
+    """The handle that answers the request's ``model``: an alias or loaded version pins that model, anything else
     this service lists follows the canary rule."""
     state = _state()
     serving = state.serving
     if serving.champion is None:
         raise OpenAIError(503, "the model is still loading", code="model_loading", headers={"Retry-After": "5"})
     if model == "champion":
-        return serving.champion, True
+        return serving.champion
     if model == "candidate":
         if serving.candidate is None:
             raise OpenAIError(404, "no candidate (canary) model is being served", "model", "model_not_found")
-        return serving.candidate, True
+        return serving.candidate
     for h in (serving.champion, serving.candidate):
         if h is not None and h.version and model == str(h.version):
-            return h, True
+            return h
     if model in ("", "default", _cfg().release.registered_model):
-        return state.choose(conversation_id), False
+        return state.choose(conversation_id)
     raise OpenAIError(404, f"the model {model[:100]!r} is not served here (see GET /v1/models)", "model",
                       "model_not_found")
 
@@ -173,13 +173,11 @@ def chat_completions():
     if not isinstance(body, dict):
         raise OpenAIError(400, "the request body must be a JSON object")
     req = parse(body, _cfg())
-    try:
-        limiter().check(f"v1:{limit_key}", _cfg().chat.api_rate_limit_per_minute)
-    except ApiError as exc:
-        raise OpenAIError(429, exc.message, code="rate_limit_exceeded", headers=exc.headers) from exc
+    # Over the limit: ApiError(429), which api's error handler answers in OpenAI's shape under /v1.
+    limiter().check(f"v1:{limit_key}", _cfg().chat.api_rate_limit_per_minute)
     started = time.monotonic()
     cid, token = store.new_ids()
-    h, _ = resolve(req.model, cid)
+    h = resolve(req.model, cid)
     cfg = _cfg()
     window = cfg.chat.context_tokens or h.context_tokens
     system = cfg.data.system_prompt if req.system is None else req.system
@@ -198,15 +196,16 @@ def chat_completions():
         raise OpenAIError(503, "the service is busy; try again shortly", code="overloaded",
                           headers={"Retry-After": "2"}) from exc
     # The key owns its completions (feedback with the same Bearer key); keyless local calls get a token of their own.
-    owner = bearer_token() or token
-    store.create_conversation(h.version, (cid, owner))
+    key = bearer_token()
+    store.create_conversation(h.version, (cid, key or token))
     user = store.add_message(cid, "user", req.history[-1]["content"], model_version=h.version)
     turn = Turn(cid, job, user, dropped, cfg.chat.request_timeout_s,
                 trace=TraceInfo(tracer(), "v1", req.history[-1]["content"], started, prompt_built))
-    headers = {} if bearer_token() else {"X-Client-Token": token}
-    created, reply_id = int(time.time()), COMPLETION_PREFIX + cid
+    headers = {} if key else {"X-Client-Token": token}
+    head = {"id": COMPLETION_PREFIX + cid, "created": int(time.time()),
+            "model": req.model or cfg.release.registered_model, "system_fingerprint": None}
     if req.stream:
-        return Response(stream_with_context(_chunks(turn, req, reply_id, created)), mimetype="text/event-stream",
+        return Response(stream_with_context(_chunks(turn, head, req.include_usage)), mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
     try:
         for _ in turn.events():
@@ -214,8 +213,7 @@ def chat_completions():
     except ApiError as exc:
         raise OpenAIError(500, exc.message, code="generation_failed") from exc
     msg = turn.stored
-    return jsonify(id=reply_id, object="chat.completion", created=created, model=req.model or
-                   cfg.release.registered_model, system_fingerprint=None,
+    return jsonify(**head, object="chat.completion",
                    choices=[{"index": 0, "message": {"role": "assistant", "content": msg["content"], "refusal": None},
                              "finish_reason": finish_reason(msg["finish_reason"]), "logprobs": None}],
                    usage=usage(msg)), 200, headers
@@ -231,29 +229,29 @@ def usage(msg: dict) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _chunks(turn: Turn, req: Completion, reply_id: str, created: int):
-    model = req.model or _cfg().release.registered_model
+def _chunks(turn: Turn, head: dict, include_usage: bool):
+    """The SSE frames of a streamed completion; ``head``: the id, created, model fields every chunk repeats."""
 
-    def chunk(delta: dict, reason: str | None = None, **more) -> str:
-        body = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "system_fingerprint": None,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}], **more}
+    def frame(body: dict) -> str:
         return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+
+    def chunk(delta: dict, reason: str | None = None) -> str:
+        return frame({**head, "object": "chat.completion.chunk",
+                      "choices": [{"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}]})
 
     yield chunk({"role": "assistant", "content": ""})
     try:
         for _, text in turn.events():
             yield chunk({"content": text})
     except ApiError as exc:
-        yield f"data: {json.dumps({'error': {'message': exc.message, 'type': 'server_error', 'param': None, 'code': 'generation_failed'}})}\n\n"  # noqa: E501
+        yield frame({"error": {"message": exc.message, "type": "server_error", "param": None,
+                               "code": "generation_failed"}})
         yield "data: [DONE]\n\n"
         return
     msg = turn.stored
     yield chunk({}, finish_reason(msg["finish_reason"]))
-    if req.include_usage:
-        body = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "system_fingerprint": None, "choices": [], "usage": usage(msg)}
-        yield f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
+    if include_usage:
+        yield frame({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(msg)})
     yield "data: [DONE]\n\n"
 
 

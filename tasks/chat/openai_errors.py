@@ -10,9 +10,6 @@ from __future__ import annotations
 from flask import jsonify, request
 
 PREFIX = "/v1/"
-TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "invalid_request_error",
-         404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
-         429: "requests", 503: "server_error"}
 
 
 class OpenAIError(Exception):
@@ -26,7 +23,12 @@ def is_v1() -> bool:
     return request.path.startswith(PREFIX)
 
 
+def error_type(status: int) -> str:
+    """OpenAI's error type of a status: rate limits are "requests", server faults "server_error", the rest the
+    request's."""
+    return "requests" if status == 429 else "server_error" if status >= 500 else "invalid_request_error"
+
+
 def response(status: int, message: str, param: str | None = None, code: str | None = None, headers: dict | None = None):
-    body = {"message": message, "type": TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
-            "param": param, "code": code}
+    body = {"message": message, "type": error_type(status), "param": param, "code": code}
     return jsonify(error=body), status, headers or {}
